@@ -1,0 +1,1 @@
+"""The actors: shard processes, their inboxes and reply channels, and the supervisor."""

@@ -1,0 +1,137 @@
+"""The front end's handle to the shards: route, enqueue, and ask.
+
+One `ShardClient` per gunicorn worker process. Each handler thread gets its own reply socket
+(an autobound abstract Unix datagram socket, so nothing is left on disk) the first time it
+reads, and waits on it itself: handing replies from a reader thread to waiters costs more
+context switches than it saves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from productd.actors import protocol, status
+from productd.actors.inbox import queued_bytes, write_frame
+from productd.actors.routing import shard_for
+from productd.actors.status import StatusBoard
+from productd.store.record import Product, unpack
+
+
+class ShardUnavailable(Exception):
+    """The shard is down or restarting, or the service is stopping."""
+
+
+class ShardTimeout(Exception):
+    """The shard did not answer in time."""
+
+
+@dataclass
+class Submission:
+    """Which items of a request made it into their shards' inboxes."""
+
+    accepted: int = 0
+    not_accepted: list[int] = field(default_factory=list)
+    unavailable_shards: list[int] = field(default_factory=list)
+    full_shards: list[int] = field(default_factory=list)
+
+
+class ShardClient:
+    def __init__(
+        self,
+        inbox_fds: list[int],
+        board: StatusBoard,
+        enqueue_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.inbox_fds = inbox_fds
+        self.shards = len(inbox_fds)
+        self.board = board
+        self.enqueue_timeout = enqueue_timeout
+        self.read_timeout = read_timeout
+        self._local = threading.local()
+        self._ids = itertools.count(1)
+
+    def shard_for(self, product_id: str) -> int:
+        return shard_for(product_id, self.shards)
+
+    def available(self, shard: int) -> bool:
+        return self.board.state(shard) == status.READY
+
+    def submit(self, events: list[tuple[str, float | None, int | None, int | None]]) -> Submission:
+        """Put every event into its shard's inbox, in order per shard.
+
+        A shard that is down, or whose inbox stays full until the deadline, takes nothing more
+        of this request: the rest of its items are reported in `not_accepted`, never sent later,
+        so a client that resends them keeps each product's order.
+        """
+        result = Submission()
+        if self.board.stopping:
+            result.not_accepted = list(range(len(events)))
+            result.unavailable_shards = list(range(self.shards))
+            return result
+        per_shard: dict[int, list[tuple[int, bytes]]] = {}
+        pack = protocol.pack_event
+        n = self.shards
+        for index, (product_id, price, stock, version) in enumerate(events):
+            per_shard.setdefault(shard_for(product_id, n), []).append(
+                (index, pack(product_id, price, stock, version))
+            )
+        deadline = time.monotonic() + self.enqueue_timeout
+        accepted_ns = time.time_ns()
+        request_id = next(self._ids)
+        for shard, items in per_shard.items():
+            if not self.available(shard):
+                result.unavailable_shards.append(shard)
+                result.not_accepted.extend(index for index, _ in items)
+                continue
+            fd = self.inbox_fds[shard]
+            frames = protocol.events_frames(items, None, request_id, accepted_ns)
+            for indexes, data in frames:
+                if write_frame(fd, data, deadline):
+                    result.accepted += len(indexes)
+                else:
+                    result.full_shards.append(shard)
+                    result.not_accepted.extend(indexes)
+                    for more, _ in frames:
+                        result.not_accepted.extend(more)
+        result.not_accepted.sort()
+        return result
+
+    def read(self, product_id: str) -> Product | None:
+        """The product as its shard has it now, behind every event already in its inbox."""
+        shard = shard_for(product_id, self.shards)
+        if not self.available(shard):
+            raise ShardUnavailable(shard)
+        sock, address = self._reply_socket()
+        request_id = next(self._ids)
+        deadline = time.monotonic() + self.read_timeout
+        if not write_frame(self.inbox_fds[shard], protocol.get_frame(address, request_id, product_id), deadline):
+            raise ShardTimeout(shard)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ShardTimeout(shard)
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                raise ShardTimeout(shard) from None
+            got_id, payload = protocol.unpack_reply(data)
+            if got_id == request_id:  # anything else is a late answer to a read that timed out
+                return None if payload is None else unpack(payload)
+
+    def inbox_bytes(self, shard: int) -> int:
+        return queued_bytes(self.inbox_fds[shard])
+
+    def _reply_socket(self) -> tuple[socket.socket, bytes]:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind("")  # Linux autobind: a unique abstract address
+            local.sock, local.address, local.pid = sock, sock.getsockname(), os.getpid()
+        return local.sock, local.address

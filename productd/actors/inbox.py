@@ -1,0 +1,58 @@
+"""Shard inboxes: one pipe per shard, many writers, one reader.
+
+Writes are non-blocking and retried until a deadline, so a full inbox becomes a refusal the
+caller can turn into a 503 rather than a stuck thread. Nothing is buffered on the writer's side.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import termios
+import time
+from array import array
+
+
+class Inbox:
+    """Both ends of one shard's pipe, as created by the supervisor before anything forks."""
+
+    def __init__(self, capacity: int) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        try:
+            fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, capacity)
+        except OSError as exc:
+            os.close(self.read_fd)
+            os.close(self.write_fd)
+            raise OSError(
+                exc.errno,
+                f"cannot size an inbox pipe to {capacity} bytes ({exc.strerror}); "
+                "the limit is /proc/sys/fs/pipe-max-size",
+            ) from exc
+        os.set_blocking(self.write_fd, False)
+        self.capacity = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
+
+
+def queued_bytes(fd: int) -> int:
+    """Bytes waiting in the pipe behind either of its ends."""
+    buf = array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
+
+
+def write_frame(fd: int, data: bytes, deadline: float) -> bool:
+    """Write one frame whole, waiting for room until `deadline` (time.monotonic()). False if none came."""
+    poller = None
+    while True:
+        try:
+            os.write(fd, data)
+            return True
+        except BlockingIOError:
+            pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if poller is None:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+        poller.poll(max(1, int(remaining * 1000)))

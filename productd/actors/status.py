@@ -1,0 +1,84 @@
+"""The status board: a small shared-memory table every process can read without asking anyone.
+
+The supervisor maps it before it forks, so shards, the gunicorn arbiter and every worker
+(including recycled ones) see the same memory. Each field has one writer: the supervisor
+writes pid, state and restart counts; a shard writes its own heartbeat and counters. Fields
+are aligned 64-bit integers, which x86-64 and arm64 read and write whole, so no lock is needed.
+A reader may see one counter a step behind another; nothing here needs them to agree.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+# Shard states.
+STARTING = 0  # forked, loading its products
+READY = 1  # reading its inbox
+DEAD = 2  # exited; the supervisor is starting another
+STOPPED = 3  # drained its inbox and exited on request
+
+STATE_NAMES = {STARTING: "starting", READY: "ready", DEAD: "dead", STOPPED: "stopped"}
+
+# Per-shard fields (indexes into the shard's row).
+PID = 0
+STATE = 1
+HEARTBEAT_NS = 2  # time.monotonic_ns() of the shard's last loop turn
+RESTARTS = 3
+STATE_LOST = 4  # restarts that lost state (memory-only mode)
+RECEIVED = 5  # events read from the inbox
+APPLIED = 6
+STALE = 7  # ignored: version <= stored version
+PRODUCTS = 8
+READS = 9
+SKIPPED_BYTES = 10  # inbox bytes dropped to find a frame boundary after a crash
+ROW_FIELDS = 16
+
+# Global fields, after the shard rows.
+G_STOPPING = 0
+G_SUPERVISOR_PID = 1
+GLOBAL_FIELDS = 8
+
+
+class StatusBoard:
+    def __init__(self, shards: int) -> None:
+        self.shards = shards
+        self._mem = mmap.mmap(-1, 8 * (shards * ROW_FIELDS + GLOBAL_FIELDS))
+        self._q = memoryview(self._mem).cast("q")
+        self._g = shards * ROW_FIELDS
+
+    def get(self, shard: int, field: int) -> int:
+        return self._q[shard * ROW_FIELDS + field]
+
+    def set(self, shard: int, field: int, value: int) -> None:
+        self._q[shard * ROW_FIELDS + field] = value
+
+    def add(self, shard: int, field: int, delta: int) -> None:
+        """Only for the field's single writer."""
+        self._q[shard * ROW_FIELDS + field] += delta
+
+    def state(self, shard: int) -> int:
+        return self._q[shard * ROW_FIELDS + STATE]
+
+    def beat(self, shard: int) -> None:
+        self._q[shard * ROW_FIELDS + HEARTBEAT_NS] = time.monotonic_ns()
+
+    def heartbeat_age(self, shard: int) -> float:
+        """Seconds since the shard last went round its loop."""
+        return (time.monotonic_ns() - self._q[shard * ROW_FIELDS + HEARTBEAT_NS]) / 1e9
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self._q[self._g + G_STOPPING])
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._q[self._g + G_STOPPING] = int(value)
+
+    @property
+    def supervisor_pid(self) -> int:
+        return self._q[self._g + G_SUPERVISOR_PID]
+
+    @supervisor_pid.setter
+    def supervisor_pid(self, value: int) -> None:
+        self._q[self._g + G_SUPERVISOR_PID] = value

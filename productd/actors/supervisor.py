@@ -1,0 +1,357 @@
+"""The supervisor: the process `productd serve` starts, and the parent of every other one.
+
+It binds the listening socket, creates one inbox per shard, forks the shards and then the
+gunicorn arbiter, and from then on only watches: a shard that dies is started again on the
+same inbox, and SIGTERM or SIGINT stops the service in order (gunicorn first, so no new
+events come in, then each shard drains its inbox and exits).
+
+It forks everything before it could start a thread, keeps the shards away from gunicorn's
+arbiter (which reaps every child it has) and is the only process that speaks to systemd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from productd import logs
+from productd.actors import protocol, status
+from productd.actors.inbox import Inbox, write_frame
+from productd.actors.shard import Shard
+from productd.actors.status import StatusBoard
+
+log = logging.getLogger("productd.supervisor")
+
+STARTUP_POLL = 0.05
+EXIT_SOFTWARE = 70  # a shard that raised
+
+
+@dataclass
+class Frontend:
+    """What the HTTP side is handed in the forked arbiter process."""
+
+    listener_fd: int
+    inbox_fds: list[int]
+    board: StatusBoard
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to do."""
+
+
+def parse_bind(bind: str) -> tuple[int, tuple]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise StartupError(f"--bind {bind!r}: expected HOST:PORT, for example 127.0.0.1:8080 or [::1]:8080")
+    if host.startswith("[") and host.endswith("]"):
+        return socket.AF_INET6, (host[1:-1], int(port))
+    return socket.AF_INET, (host, int(port))
+
+
+def listen(bind: str) -> socket.socket:
+    family, address = parse_bind(bind)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {bind}: {exc.strerror}") from exc
+    sock.listen(2048)
+    return sock
+
+
+def _die_with_parent(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when the supervisor dies (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: orphans are reaped by hand
+        pass
+
+
+def notify_systemd(message: str, address: str | None) -> None:
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+
+
+class Supervisor:
+    def __init__(self, settings, serve_frontend: Callable[[Frontend], int]) -> None:
+        self.settings = settings
+        self.serve_frontend = serve_frontend
+        self.shard_pids: dict[int, int] = {}  # pid -> shard id
+        self.arbiter_pid = 0
+        self.stopping = False
+        self.stop_sent = False
+        self.exit_code = 0
+        self.stopped: set[int] = set()
+        self.restart_at: dict[int, float] = {}
+        self.recent_deaths: dict[int, list[float]] = {}
+        self.ready_announced = False
+        self.arbiter_kill_at = 0.0
+        self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+
+    # ---- start ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        self.listener = listen(s.bind)
+        self.inboxes = [Inbox(s.inbox_bytes) for _ in range(s.shards)]
+        self.board = StatusBoard(s.shards)
+        self.board.supervisor_pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.pending_signals: list[int] = []
+        log.info(
+            "starting %d shards, inboxes of %d bytes",
+            s.shards, self.inboxes[0].capacity,
+        )
+        self.started_at = time.monotonic()
+        for shard in range(s.shards):
+            self._start_shard(shard)
+        try:
+            return self._loop()
+        finally:
+            self._kill_everything()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.pending_signals.append(signum)
+
+    def _fork(self, role: str, child: Callable[[], int]) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = EXIT_SOFTWARE
+        try:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            logs.set_role(role)
+            code = child()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            log.exception("%s failed", role)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _start_shard(self, shard: int) -> None:
+        board = self.board
+        board.set(shard, status.STATE, status.STARTING)
+        pid = self._fork(f"shard-{shard}", lambda: self._shard_main(shard))
+        self.shard_pids[pid] = shard
+        board.set(shard, status.PID, pid)
+        log.info("shard %d started as pid %d", shard, pid)
+
+    def _shard_main(self, shard: int) -> int:
+        # The terminal's Ctrl-C and systemd's SIGTERM reach the whole group; a shard stops
+        # only when the supervisor's STOP reaches it through its inbox, behind everything else.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _die_with_parent(signal.SIGKILL)
+        self.listener.close()
+        try:
+            # Batch scheduling keeps a waking shard from preempting a front-end thread that holds the GIL.
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        for index, inbox in enumerate(self.inboxes):
+            if index != shard:
+                os.close(inbox.read_fd)
+        return Shard(shard, self.inboxes[shard].read_fd, self.board).run()
+
+    def _start_frontend(self) -> None:
+        frontend = Frontend(
+            listener_fd=self.listener.fileno(),
+            inbox_fds=[inbox.write_fd for inbox in self.inboxes],
+            board=self.board,
+        )
+
+        def arbiter_main() -> int:
+            os.setpgid(0, 0)  # Ctrl-C reaches the supervisor, which stops gunicorn gracefully
+            _die_with_parent(signal.SIGTERM)
+            for inbox in self.inboxes:
+                os.close(inbox.read_fd)
+            return self.serve_frontend(frontend)
+
+        self.arbiter_pid = self._fork("http", arbiter_main)
+        self.listener.close()  # the arbiter has it now; a stopped arbiter frees the port
+        log.info("gunicorn arbiter started as pid %d on %s", self.arbiter_pid, self.settings.bind)
+
+    # ---- watch ---------------------------------------------------------------------------
+
+    def _loop(self) -> int:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            poller.poll(int(self._timeout() * 1000))
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            signals, self.pending_signals = self.pending_signals, []
+            for sig in signals:
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    self._begin_stop(f"received {signal.Signals(sig).name}")
+            self._reap()
+            now = time.monotonic()
+            for shard, when in list(self.restart_at.items()):
+                if when <= now:
+                    del self.restart_at[shard]
+                    self._start_shard(shard)
+                    if self.stop_sent:
+                        self._send_stop(shard)
+            if not self.stopping and not self.arbiter_pid and self._all_ready():
+                self._start_frontend()
+                took = time.monotonic() - self.started_at
+                log.info("ready: %d shards loaded in %.2fs", self.settings.shards, took)
+                notify_systemd(f"READY=1\nSTATUS=serving on {self.settings.bind}", self.notify_socket)
+                self.ready_announced = True
+            if self.stopping:
+                self._advance_stop()
+                if len(self.stopped) == self.settings.shards and not self.arbiter_pid:
+                    log.info("stopped: every shard drained its inbox")
+                    return self.exit_code
+
+    def _timeout(self) -> float:
+        if not self.arbiter_pid and not self.stopping:
+            return STARTUP_POLL
+        if self.restart_at:
+            return max(0.0, min(self.restart_at.values()) - time.monotonic())
+        return 1.0
+
+    def _all_ready(self) -> bool:
+        return all(self.board.state(i) == status.READY for i in range(self.settings.shards))
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            how = _describe_exit(wstatus)
+            if pid == self.arbiter_pid:
+                self.arbiter_pid = 0
+                self._kill_group(pid)
+                if not self.stopping:
+                    log.error("gunicorn arbiter %s; stopping the service", how)
+                    self.exit_code = 1
+                    self._begin_stop("the HTTP server died")
+                else:
+                    log.info("gunicorn stopped (%s)", how)
+            elif pid in self.shard_pids:
+                self._shard_exited(self.shard_pids.pop(pid), pid, wstatus, how)
+
+    def _shard_exited(self, shard: int, pid: int, wstatus: int, how: str) -> None:
+        board = self.board
+        if self.stop_sent and os.waitstatus_to_exitcode(wstatus) == 0:
+            board.set(shard, status.STATE, status.STOPPED)
+            self.stopped.add(shard)
+            return
+        board.set(shard, status.STATE, status.DEAD)
+        if not self.ready_announced and not self.stopping:
+            raise StartupError(f"shard {shard} (pid {pid}) {how} while loading; see its log above")
+        board.add(shard, status.RESTARTS, 1)
+        board.add(shard, status.STATE_LOST, 1)
+        now = time.monotonic()
+        deaths = [t for t in self.recent_deaths.get(shard, []) if now - t < 30] + [now]
+        self.recent_deaths[shard] = deaths
+        delay = 0.0 if len(deaths) <= 3 else min(5.0, 0.1 * 2 ** (len(deaths) - 3))
+        log.error(
+            "shard %d (pid %d) %s; restarting it%s. Its products were in memory only and are lost; "
+            "events still in its inbox will be applied by the new process",
+            shard, pid, how, f" in {delay:.1f}s (it keeps dying)" if delay else "",
+        )
+        self.restart_at[shard] = now + delay
+
+    # ---- stop ----------------------------------------------------------------------------
+
+    def _begin_stop(self, why: str) -> None:
+        if self.stopping:
+            log.info("%s; already stopping", why)
+            return
+        log.info("%s; stopping: gunicorn first, then each shard drains its inbox", why)
+        self.stopping = True
+        self.board.stopping = True
+        notify_systemd("STOPPING=1\nSTATUS=draining", self.notify_socket)
+        if self.arbiter_pid:
+            os.kill(self.arbiter_pid, signal.SIGTERM)
+            self.arbiter_kill_at = time.monotonic() + self.settings.graceful_timeout + 5
+
+    def _advance_stop(self) -> None:
+        if self.arbiter_pid:
+            if time.monotonic() > self.arbiter_kill_at:
+                log.error("gunicorn did not stop within its graceful timeout; killing it")
+                self._kill_group(self.arbiter_pid)
+            return
+        if not self.stop_sent:
+            self.stop_sent = True
+            for shard in range(self.settings.shards):
+                if shard not in self.restart_at:
+                    self._send_stop(shard)
+
+    def _send_stop(self, shard: int) -> None:
+        # The shard is draining, so room comes; the deadline only guards against a wedged shard.
+        if not write_frame(self.inboxes[shard].write_fd, protocol.stop_frame(), time.monotonic() + 300):
+            log.error("shard %d did not take its stop message in 300s", shard)
+
+    def _kill_group(self, pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill_everything(self) -> None:
+        """Last resort on the way out: nothing of ours outlives the supervisor."""
+        if self.arbiter_pid:
+            self._kill_group(self.arbiter_pid)
+        for pid in list(self.shard_pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        signal.set_wakeup_fd(-1)
+
+
+def _describe_exit(wstatus: int) -> str:
+    if os.WIFSIGNALED(wstatus):
+        sig = os.WTERMSIG(wstatus)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"was killed by {name}"
+    return f"exited with code {os.WEXITSTATUS(wstatus)}"
+
+
+__all__ = ["Frontend", "StartupError", "Supervisor", "errno"]

@@ -1,0 +1,131 @@
+"""The `productd` command. Every option of `serve` can also come from PRODUCTD_<OPTION>."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+
+from productd import __version__, logs
+from productd.config import Settings
+
+ENV_PREFIX = "PRODUCTD_"
+log = logging.getLogger("productd")
+
+
+def _positive_int(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{value} must be more than 0 and less than 3600 seconds")
+    return value
+
+
+# (option, type, help): defaults come from Settings, overridable by the environment.
+OPTIONS = (
+    ("bind", str, "HOST:PORT to listen on"),
+    ("shards", _positive_int(1, 64), "shard processes that own the products (1..64)"),
+    ("workers", _positive_int(1, 256), "gunicorn worker processes (default: the number of CPUs)"),
+    ("threads", _positive_int(1, 256), "threads per gunicorn worker; above 1 uses gthread workers"),
+    ("worker-class", str, "gunicorn worker class: sync or gthread"),
+    ("enqueue-timeout", _seconds, "seconds a write waits for room in a full inbox before it gets 503"),
+    ("read-timeout", _seconds, "seconds a read waits for its shard before it gets 504"),
+    ("max-body-bytes", _positive_int(1, 1 << 30), "largest request body; larger gets 413"),
+    ("max-events", _positive_int(1, 1_000_000), "most events in one request; more gets 413"),
+    ("inbox-bytes", _positive_int(4096, 1 << 30), "capacity of each shard's inbox pipe in bytes"),
+    ("graceful-timeout", _seconds, "seconds in-flight requests get to finish on stop"),
+    ("gunicorn-config", str, "a gunicorn config file for every other gunicorn setting"),
+    ("log-level", str, "debug, info, warning or error"),
+    ("log-format", str, "json (one object per line) or text"),
+)
+CHOICES = {
+    "worker-class": ("sync", "gthread"),
+    "log-level": ("debug", "info", "warning", "error"),
+    "log-format": ("json", "text"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="productd", description="Live product state, sharded over processes.")
+    parser.add_argument("--version", action="version", version=f"productd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the service",
+        description="Run the service: a supervisor, its shard processes and a gunicorn server. "
+        f"Each option can also be set as {ENV_PREFIX}<OPTION> in the environment, "
+        f"for example {ENV_PREFIX}SHARDS=8; the command line wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Settings()
+    for name, kind, help_text in OPTIONS:
+        dest = name.replace("-", "_")
+        env = ENV_PREFIX + dest.upper()
+        serve.add_argument(
+            f"--{name}",
+            dest=dest,
+            type=kind,
+            choices=CHOICES.get(name),
+            default=getattr(defaults, dest),
+            help=f"{help_text} [env {env}]",
+        )
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
+    parser = build_parser()
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    # Environment values go through the same parsing as the command line, ahead of it, so the
+    # command line wins and a bad value in the environment gets the same clear message.
+    env_args = []
+    for name, _, _ in OPTIONS:
+        value = environ.get(ENV_PREFIX + name.replace("-", "_").upper())
+        if value is not None and value != "":
+            env_args += [f"--{name}", value]
+    if args_in and args_in[0] == "serve":
+        args_in = ["serve", *env_args, *args_in[1:]]
+    args = parser.parse_args(args_in)
+    values = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    settings = Settings(**values)
+    if settings.threads > 1 and "worker_class" not in _given(args_in):
+        settings.worker_class = "gthread"
+    return settings
+
+
+def _given(args: list[str]) -> set[str]:
+    return {a[2:].split("=")[0].replace("-", "_") for a in args if a.startswith("--")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logs.setup(settings.log_level, settings.log_format)
+    # Imported here so that `productd --help` stays fast.
+    from productd.actors.supervisor import StartupError, Supervisor
+    from productd.http.server import serve
+
+    supervisor = Supervisor(settings, lambda frontend: serve(settings, frontend))
+    try:
+        return supervisor.run()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        print(f"productd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

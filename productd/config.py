@@ -1,0 +1,24 @@
+"""Settings of one productd instance, with their defaults. Filled in by the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Settings:
+    bind: str = "127.0.0.1:8080"
+    shards: int = 4
+    workers: int = os.cpu_count() or 1
+    threads: int = 1
+    worker_class: str = "sync"
+    enqueue_timeout: float = 0.5
+    read_timeout: float = 2.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_events: int = 10_000
+    inbox_bytes: int = 1024 * 1024
+    gunicorn_config: str | None = None
+    graceful_timeout: float = 30.0
+    log_level: str = "info"
+    log_format: str = "json"

@@ -1,0 +1,1 @@
+"""The edge: the Falcon app, request validation, problem responses, health and gunicorn."""

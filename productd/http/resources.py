@@ -1,0 +1,178 @@
+"""Falcon resources: events in, products out, and the health of the service."""
+
+from __future__ import annotations
+
+import time
+
+import falcon
+import orjson
+
+from productd.actors import status
+from productd.actors.client import ShardClient, ShardTimeout, ShardUnavailable
+from productd.http import validation
+from productd.http.problems import Problem
+
+JSON_TYPES = ("application/json",)
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+RETRY_AFTER_FULL = "1"
+HEARTBEAT_STALE_S = 5.0
+
+
+def rfc3339(ns: int) -> str:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1000:06d}Z"
+
+
+class Events:
+    def __init__(self, client: ShardClient, max_body_bytes: int, max_events: int) -> None:
+        self.client = client
+        self.max_body_bytes = max_body_bytes
+        self.max_events = max_events
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        parse = self._parser(req.content_type)
+        body = self._read_body(req)
+        events = parse(body)
+        if len(events) > self.max_events:
+            raise Problem(
+                413, "Too many events",
+                f"{len(events)} events in one request; at most {self.max_events} are taken (--max-events)",
+                kind="too-many-events",
+            )
+        result = self.client.submit(events)
+        if result.not_accepted:
+            raise self._refused(result, len(events))
+        resp.status = falcon.HTTP_202
+        resp.data = orjson.dumps({"accepted": result.accepted})
+
+    def _parser(self, content_type: str | None):
+        media, _, params = (content_type or "").partition(";")
+        media = media.strip().lower()
+        charset = ""
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "charset":
+                charset = value.strip().strip('"').lower()
+        if charset and charset not in ("utf-8", "utf8"):
+            raise Problem(415, "Unsupported charset", f"charset {charset!r} is not supported; send UTF-8")
+        if media in JSON_TYPES:
+            return validation.events_from_json
+        if media in NDJSON_TYPES:
+            return validation.events_from_ndjson
+        shown = f"Content-Type {media!r}" if media else "no Content-Type"
+        raise Problem(
+            415, "Unsupported media type",
+            f"{shown}; send application/json (an event or an array of events) "
+            "or application/x-ndjson (one event per line)",
+            headers={"Accept-Post": "application/json, application/x-ndjson"},
+        )
+
+    def _read_body(self, req: falcon.Request) -> bytes:
+        limit = self.max_body_bytes
+        length = req.content_length
+        if length is not None and length > limit:
+            raise _too_large(length, limit)
+        body = req.bounded_stream.read(limit + 1)
+        if len(body) > limit:
+            raise _too_large(None, limit)
+        if not body:
+            raise Problem(400, "Empty body", "the request has no body; send one event or an array of events")
+        return body
+
+    def _refused(self, result, total: int) -> Problem:
+        reasons = []
+        if self.client.board.stopping:
+            reasons.append("the service is stopping")
+        else:
+            if result.unavailable_shards:
+                reasons.append(f"shard(s) {sorted(set(result.unavailable_shards))} down or restarting")
+            if result.full_shards:
+                reasons.append(f"the inbox of shard(s) {sorted(set(result.full_shards))} is full")
+        return Problem(
+            503, "Events not accepted",
+            f"{len(result.not_accepted)} of {total} events were not queued because "
+            f"{' and '.join(reasons)}; resend only the items listed in not_accepted",
+            kind="events-not-accepted",
+            headers={"Retry-After": RETRY_AFTER_FULL},
+            accepted=result.accepted,
+            not_accepted=result.not_accepted,
+        )
+
+
+def _too_large(length: int | None, limit: int) -> Problem:
+    size = f"{length} bytes" if length is not None else "more than that"
+    return Problem(
+        413, "Body too large",
+        f"the body is {size}; at most {limit} bytes are taken (--max-body-bytes)",
+        kind="body-too-large",
+    )
+
+
+class ProductResource:
+    def __init__(self, client: ShardClient) -> None:
+        self.client = client
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, product_id: str) -> None:
+        if not validation.valid_product_id(product_id):
+            raise Problem(
+                400, "Invalid product id",
+                f"a product id is {validation.PRODUCT_ID_RULE}", kind="invalid-product-id",
+            )
+        try:
+            product = self.client.read(product_id)
+        except ShardUnavailable as exc:
+            raise Problem(
+                503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is restarting",
+                headers={"Retry-After": "1"},
+            ) from None
+        except ShardTimeout as exc:
+            raise Problem(
+                504, "Shard timeout",
+                f"shard {exc.args[0]} did not answer within {self.client.read_timeout}s (--read-timeout)",
+            ) from None
+        if product is None:
+            raise Problem(404, "Unknown product", f"no event has been applied for product {product_id!r}")
+        resp.data = orjson.dumps(
+            {
+                "product_id": product_id,
+                "price": product.price,
+                "stock": product.stock,
+                "version": product.version,
+                "updated_at": rfc3339(product.updated_at_ns),
+            }
+        )
+
+
+class Health:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = b'{"status":"ok"}'
+
+
+class Ready:
+    def __init__(self, client: ShardClient) -> None:
+        self.client = client
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        board = self.client.board
+        shards = []
+        ready = not board.stopping
+        for shard in range(self.client.shards):
+            state = board.state(shard)
+            alive = state in (status.STARTING, status.READY)
+            answering = state == status.READY and board.heartbeat_age(shard) < HEARTBEAT_STALE_S
+            ready = ready and answering
+            shards.append(
+                {
+                    "id": shard,
+                    "pid": board.get(shard, status.PID),
+                    "state": status.STATE_NAMES.get(state, "unknown"),
+                    "alive": alive,
+                    "ready": answering,
+                    "inbox_bytes": self.client.inbox_bytes(shard),
+                    "restarts": board.get(shard, status.RESTARTS),
+                    "state_lost": board.get(shard, status.STATE_LOST),
+                    "products": board.get(shard, status.PRODUCTS),
+                }
+            )
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.data = orjson.dumps({"status": "ready" if ready else "not_ready", "shards": shards})
