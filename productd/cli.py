@@ -41,7 +41,8 @@ def _seconds(text: str) -> float:
 # (option, type, help): defaults come from Settings, overridable by the environment.
 OPTIONS = (
     ("bind", str, "HOST:PORT to listen on"),
-    ("shards", _positive_int(1, 64), "shard processes that own the products (1..64)"),
+    ("shards", _positive_int(1, 64),
+     "shard processes that own the products (1..64; default: the count recorded in the data dir, else 4)"),
     ("workers", _positive_int(1, 256), "gunicorn worker processes (default: the number of CPUs)"),
     ("threads", _positive_int(1, 256), "threads per gunicorn worker; above 1 uses gthread workers"),
     ("worker-class", str, "gunicorn worker class: sync or gthread"),
@@ -54,11 +55,15 @@ OPTIONS = (
     ("gunicorn-config", str, "a gunicorn config file for every other gunicorn setting"),
     ("log-level", str, "debug, info, warning or error"),
     ("log-format", str, "json (one object per line) or text"),
+    ("data-dir", str, "directory of the shards' SQLite files (not used with --durability none)"),
+    ("durability", str, "none: memory only; batch: commit every --commit-interval; sync: 202 after commit"),
+    ("commit-interval", _seconds, "batch durability: longest time between commits"),
 )
 CHOICES = {
     "worker-class": ("sync", "gthread"),
     "log-level": ("debug", "info", "warning", "error"),
     "log-format": ("json", "text"),
+    "durability": ("none", "batch", "sync"),
 }
 
 
@@ -86,7 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
             default=getattr(defaults, dest),
             help=f"{help_text} [env {env}]",
         )
+    serve.add_argument(
+        "--reshard",
+        action="store_true",
+        default=_env_flag("RESHARD"),
+        help="move every product to the --shards count when it differs from the data dir's [env PRODUCTD_RESHARD=1]",
+    )
     return parser
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(ENV_PREFIX + name, "").lower() in ("1", "true", "yes", "on")
 
 
 def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
@@ -125,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         return supervisor.run()
     except StartupError as exc:
         log.error("cannot start: %s", exc)
-        print(f"productd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass
 class Settings:
     bind: str = "127.0.0.1:8080"
-    shards: int = 4
+    shards: int | None = None  # None: the count recorded in the data dir, else DEFAULT_SHARDS
     workers: int = os.cpu_count() or 1
     threads: int = 1
     worker_class: str = "sync"
@@ -22,3 +22,10 @@ class Settings:
     graceful_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "json"
+    data_dir: str = "./data"
+    durability: str = "batch"
+    commit_interval: float = 0.05
+    reshard: bool = False
+
+
+DEFAULT_SHARDS = 4

@@ -38,6 +38,8 @@ class Submission:
     not_accepted: list[int] = field(default_factory=list)
     unavailable_shards: list[int] = field(default_factory=list)
     full_shards: list[int] = field(default_factory=list)
+    commit_errors: list[str] = field(default_factory=list)
+    uncommitted: bool = False  # sync mode: some frames were not confirmed in time
 
 
 class ShardClient:
@@ -47,12 +49,14 @@ class ShardClient:
         board: StatusBoard,
         enqueue_timeout: float,
         read_timeout: float,
+        wait_for_commit: bool = False,
     ) -> None:
         self.inbox_fds = inbox_fds
         self.shards = len(inbox_fds)
         self.board = board
         self.enqueue_timeout = enqueue_timeout
         self.read_timeout = read_timeout
+        self.wait_for_commit = wait_for_commit
         self._local = threading.local()
         self._ids = itertools.count(1)
 
@@ -61,6 +65,9 @@ class ShardClient:
 
     def available(self, shard: int) -> bool:
         return self.board.state(shard) == status.READY
+
+    def writable(self, shard: int) -> bool:
+        return self.board.state(shard) == status.READY and not self.board.get(shard, status.WRITES_REFUSED)
 
     def submit(self, events: list[tuple[str, float | None, int | None, int | None]]) -> Submission:
         """Put every event into its shard's inbox, in order per shard.
@@ -83,24 +90,51 @@ class ShardClient:
             )
         deadline = time.monotonic() + self.enqueue_timeout
         accepted_ns = time.time_ns()
-        request_id = next(self._ids)
+        reply_to = self._reply_socket()[1] if self.wait_for_commit else None
+        waiting: dict[int, list[int]] = {}  # request id of a frame -> its indexes
         for shard, items in per_shard.items():
-            if not self.available(shard):
+            if not self.writable(shard):
                 result.unavailable_shards.append(shard)
                 result.not_accepted.extend(index for index, _ in items)
                 continue
             fd = self.inbox_fds[shard]
-            frames = protocol.events_frames(items, None, request_id, accepted_ns)
-            for indexes, data in frames:
-                if write_frame(fd, data, deadline):
+            for indexes, request_id, data in protocol.events_frames(items, reply_to, self._ids, accepted_ns):
+                if result.full_shards and result.full_shards[-1] == shard:
+                    result.not_accepted.extend(indexes)  # never send past a refused frame
+                elif write_frame(fd, data, deadline):
                     result.accepted += len(indexes)
+                    if reply_to is not None:
+                        waiting[request_id] = indexes
                 else:
                     result.full_shards.append(shard)
                     result.not_accepted.extend(indexes)
-                    for more, _ in frames:
-                        result.not_accepted.extend(more)
+        if waiting:
+            self._await_commits(waiting, result)
         result.not_accepted.sort()
         return result
+
+    def _await_commits(self, waiting: dict[int, list[int]], result: Submission) -> None:
+        """Sync durability: an event counts as accepted only once its shard has committed it."""
+        sock = self._reply_socket()[0]
+        deadline = time.monotonic() + self.read_timeout
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            try:
+                request_id, error = protocol.unpack_reply(sock.recv(65536))
+            except TimeoutError:
+                break
+            indexes = waiting.pop(request_id, None)
+            if indexes is not None and error is not None:
+                result.accepted -= len(indexes)
+                result.not_accepted.extend(indexes)
+                result.commit_errors.append(error)
+        for indexes in waiting.values():  # no answer in time: the client must assume not committed
+            result.accepted -= len(indexes)
+            result.not_accepted.extend(indexes)
+            result.uncommitted = True
 
     def read(self, product_id: str) -> Product | None:
         """The product as its shard has it now, behind every event already in its inbox."""

@@ -48,28 +48,33 @@ def frame(body: bytes) -> bytes:
 def events_frames(
     packed_events: Iterable[tuple[int, bytes]],
     reply_to: bytes | None,
-    request_id: int,
+    request_ids: Iterator[int],
     accepted_ns: int,
-) -> Iterator[tuple[list[int], bytes]]:
-    """Cut (index, packed event) pairs into frames; yield (indexes in the frame, frame)."""
+) -> Iterator[tuple[list[int], int, bytes]]:
+    """Cut (index, packed event) pairs into frames; yield (indexes in it, its request id, frame).
+
+    Each frame takes the next request id, so a shard can acknowledge frames one by one.
+    """
     indexes: list[int] = []
     chunks: list[bytes] = []
     size = 0
     room = MAX_BODY - 40 - (len(reply_to) if reply_to else 0)  # the header array's worst case
     for index, packed in packed_events:
         if chunks and size + len(packed) > room:
-            yield indexes, _events_frame(chunks, reply_to, request_id, accepted_ns)
+            yield _events_frame(indexes, chunks, reply_to, next(request_ids), accepted_ns)
             indexes, chunks, size = [], [], 0
         indexes.append(index)
         chunks.append(packed)
         size += len(packed)
     if chunks:
-        yield indexes, _events_frame(chunks, reply_to, request_id, accepted_ns)
+        yield _events_frame(indexes, chunks, reply_to, next(request_ids), accepted_ns)
 
 
-def _events_frame(chunks: list[bytes], reply_to: bytes | None, request_id: int, accepted_ns: int) -> bytes:
+def _events_frame(
+    indexes: list[int], chunks: list[bytes], reply_to: bytes | None, request_id: int, accepted_ns: int
+) -> tuple[list[int], int, bytes]:
     head = _packb((EVENTS, reply_to, request_id, accepted_ns, len(chunks)))
-    return frame(head + b"".join(chunks))
+    return indexes, request_id, frame(head + b"".join(chunks))
 
 
 def get_frame(reply_to: bytes, request_id: int, product_id: str) -> bytes:

@@ -17,15 +17,35 @@ import time
 from productd.actors import protocol, status
 from productd.actors.status import StatusBoard
 from productd.store.memory import ShardStore
+from productd.store.sqlite import ShardFile
 
 log = logging.getLogger("productd.shard")
 
 READ_CHUNK = 1 << 16
-IDLE_TICK_MS = 1000  # heartbeat period of an idle shard
+IDLE_TICK = 1.0  # heartbeat period of an idle shard, seconds
+RETRY_COMMIT = 1.0  # seconds between attempts after a failed commit
+LOAD_REPORT_EVERY = 100_000
+STOP_COMMIT_TRIES = 10
 
 
 class Shard:
-    def __init__(self, shard_id: int, inbox_fd: int, board: StatusBoard) -> None:
+    """One shard's actor loop.
+
+    durability "none" keeps products in memory only; "batch" commits what changed at least every
+    `commit_interval` seconds; "sync" commits everything read from the inbox before it
+    acknowledges the frames that asked for it (a group commit: one transaction per batch read).
+    """
+
+    def __init__(
+        self,
+        shard_id: int,
+        inbox_fd: int,
+        board: StatusBoard,
+        *,
+        path: str | None = None,
+        durability: str = "none",
+        commit_interval: float = 0.05,
+    ) -> None:
         self.id = shard_id
         self.inbox_fd = inbox_fd
         self.board = board
@@ -33,10 +53,33 @@ class Shard:
         self.replies = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.reader = protocol.FrameReader()
         self.dropped_replies = 0
+        self.durability = durability
+        self.commit_interval = commit_interval
+        self.file = ShardFile(path, sync=durability == "sync") if durability != "none" and path else None
+        self.dirty: set[str] = set()
+        self.pending_acks: list[tuple[bytes, int]] = []
+        self.next_commit = 0.0
+        self.commit_failing = False
+
+    def load(self) -> None:
+        if self.file is None:
+            return
+        started = time.monotonic()
+        board, sid, store = self.board, self.id, self.store
+        for count, (product_id, packed) in enumerate(self.file.rows(), 1):
+            store.load(product_id, packed)
+            if count % LOAD_REPORT_EVERY == 0:
+                board.set(sid, status.PRODUCTS, count)
+                board.beat(sid)
+                log.info("shard %d loading: %d products so far", sid, count)
+        log.info("shard %d loaded %d products from %s in %.2fs",
+                 sid, len(store), self.file.path, time.monotonic() - started)
 
     def run(self) -> int:
-        """Serve until a STOP message; returns the process exit code."""
+        """Load, then serve until a STOP message; returns the process exit code."""
         board, sid = self.board, self.id
+        board.beat(sid)
+        self.load()
         board.set(sid, status.PRODUCTS, len(self.store))
         board.beat(sid)
         board.set(sid, status.STATE, status.READY)
@@ -45,14 +88,57 @@ class Shard:
         poller.register(self.inbox_fd, select.POLLIN)
         while True:
             board.beat(sid)
-            if not poller.poll(IDLE_TICK_MS):
-                continue
-            data = os.read(self.inbox_fd, READ_CHUNK)
-            if not data:  # every write end closed: nothing more can come
+            timeout = IDLE_TICK
+            if self.dirty:
+                timeout = max(0.0, min(timeout, self.next_commit - time.monotonic()))
+            if poller.poll(int(timeout * 1000) + 1):
+                data = os.read(self.inbox_fd, READ_CHUNK)
+                stop = self.handle(self.reader.feed(data))
+            else:
+                stop = False
+            if stop:
+                return self.finish()
+            if self.pending_acks or (self.dirty and time.monotonic() >= self.next_commit):
+                self.commit()
+
+    def finish(self) -> int:
+        for _ in range(STOP_COMMIT_TRIES):
+            if self.commit():
+                log.info("shard %d drained its inbox and stops with %d products", self.id, len(self.store))
                 return 0
-            if self.handle(self.reader.feed(data)):
-                log.info("shard %d drained its inbox and stops with %d products", sid, len(self.store))
-                return 0
+            time.sleep(RETRY_COMMIT)
+        log.error("shard %d stops with %d changed products it could not commit", self.id, len(self.dirty))
+        return 75
+
+    def commit(self) -> bool:
+        """Save every changed product in one transaction, then answer the frames waiting for it."""
+        if self.file is not None and self.dirty:
+            records = self.store.get_packed
+            try:
+                self.file.save((product_id, records(product_id)) for product_id in self.dirty)
+            except Exception as exc:  # disk full, I/O error, ...: keep the changes and retry
+                self.next_commit = time.monotonic() + RETRY_COMMIT
+                if not self.commit_failing:
+                    self.commit_failing = True
+                    self.board.set(self.id, status.WRITES_REFUSED, 1)
+                    log.error("shard %d cannot commit to %s: %s; refusing writes and retrying every %.0fs",
+                              self.id, self.file.path, exc, RETRY_COMMIT)
+                self._answer_acks(f"shard {self.id} could not commit: {exc}")
+                return False
+            self.dirty.clear()
+            self.board.add(self.id, status.COMMITS, 1)
+            if self.commit_failing:
+                self.commit_failing = False
+                self.board.set(self.id, status.WRITES_REFUSED, 0)
+                log.warning("shard %d commits again; taking writes", self.id)
+        self.next_commit = time.monotonic() + self.commit_interval
+        self._answer_acks(None)
+        return True
+
+    def _answer_acks(self, error: str | None) -> None:
+        for address, request_id in self.pending_acks:
+            self.reply(address, request_id, error)
+        self.pending_acks.clear()
 
     def handle(self, bodies: list[bytes]) -> bool:
         """Apply a batch of messages in order; True when one of them was STOP."""
@@ -65,16 +151,22 @@ class Shard:
             kind = head[0]
             if kind == protocol.EVENTS:
                 now = time.time_ns()
+                dirty = self.dirty
                 for product_id, price, stock, version in items:
                     received += 1
                     if store.apply(product_id, price, stock, version, now):
                         applied += 1
+                        dirty.add(product_id)
+                if head[1] is not None:
+                    self.pending_acks.append((head[1], head[2]))
             elif kind == protocol.GET:
                 reads += 1
                 self.reply(head[1], head[2], store.get_packed(head[3]))
             elif kind == protocol.STOP:
                 stop = True
                 break
+        if self.file is None:
+            self.dirty.clear()
         board.add(sid, status.RECEIVED, received)
         board.add(sid, status.APPLIED, applied)
         board.add(sid, status.STALE, received - applied)

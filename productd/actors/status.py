@@ -32,6 +32,8 @@ STALE = 7  # ignored: version <= stored version
 PRODUCTS = 8
 READS = 9
 SKIPPED_BYTES = 10  # inbox bytes dropped to find a frame boundary after a crash
+WRITES_REFUSED = 11  # 1 while the shard cannot commit: the front end refuses writes for it
+COMMITS = 12
 ROW_FIELDS = 16
 
 # Global fields, after the shard rows.

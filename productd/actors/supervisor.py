@@ -12,7 +12,6 @@ arbiter (which reaps every child it has) and is the only process that speaks to 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import select
@@ -26,13 +25,19 @@ from dataclasses import dataclass
 from productd import logs
 from productd.actors import protocol, status
 from productd.actors.inbox import Inbox, write_frame
+from productd.actors.routing import shard_for
 from productd.actors.shard import Shard
 from productd.actors.status import StatusBoard
+from productd.config import DEFAULT_SHARDS
+from productd.store.datadir import DataDir, DataDirError
+from productd.store.sqlite import ShardFile, StoreFileError
 
 log = logging.getLogger("productd.supervisor")
 
 STARTUP_POLL = 0.05
 EXIT_SOFTWARE = 70  # a shard that raised
+EXTEND_EVERY = 10.0  # seconds between systemd start-timeout extensions while loading
+EXTEND_BY_USEC = 30_000_000
 
 
 @dataclass
@@ -107,11 +112,35 @@ class Supervisor:
         self.ready_announced = False
         self.arbiter_kill_at = 0.0
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+        self.shard_paths: list[str | None] = []
+        self.next_extend = 0.0
+
+    def _open_data(self) -> int:
+        """Lock the data dir, settle the layout and check every shard file; returns the shard count."""
+        s = self.settings
+        if s.durability == "none":
+            self.shard_paths = [None] * (s.shards or DEFAULT_SHARDS)
+            return len(self.shard_paths)
+        data = DataDir(s.data_dir)
+        try:
+            data.lock()
+            layout, shards = data.prepare(s.shards, DEFAULT_SHARDS, s.reshard, shard_for)
+            self.shard_paths = [data.shard_path(layout, i) for i in range(shards)]
+            for path in self.shard_paths:
+                ShardFile(path, sync=False).close()  # a bad file is named here, before anything forks
+        except (DataDirError, StoreFileError) as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"data dir {data.path}: {exc}") from None
+        self.data_dir = data  # holds the lock for as long as the supervisor lives
+        log.info("data dir %s: %d shards, durability %s", data.path, shards, s.durability)
+        return shards
 
     # ---- start ---------------------------------------------------------------------------
 
     def run(self) -> int:
         s = self.settings
+        s.shards = self._open_data()
         self.listener = listen(s.bind)
         self.inboxes = [Inbox(s.inbox_bytes) for _ in range(s.shards)]
         self.board = StatusBoard(s.shards)
@@ -184,7 +213,11 @@ class Supervisor:
         for index, inbox in enumerate(self.inboxes):
             if index != shard:
                 os.close(inbox.read_fd)
-        return Shard(shard, self.inboxes[shard].read_fd, self.board).run()
+        s = self.settings
+        return Shard(
+            shard, self.inboxes[shard].read_fd, self.board,
+            path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
+        ).run()
 
     def _start_frontend(self) -> None:
         frontend = Frontend(
@@ -228,6 +261,8 @@ class Supervisor:
                     self._start_shard(shard)
                     if self.stop_sent:
                         self._send_stop(shard)
+            if not self.arbiter_pid and not self.ready_announced and time.monotonic() >= self.next_extend:
+                self._extend_start_timeout()
             if not self.stopping and not self.arbiter_pid and self._all_ready():
                 self._start_frontend()
                 took = time.monotonic() - self.started_at
@@ -239,6 +274,14 @@ class Supervisor:
                 if len(self.stopped) == self.settings.shards and not self.arbiter_pid:
                     log.info("stopped: every shard drained its inbox")
                     return self.exit_code
+
+    def _extend_start_timeout(self) -> None:
+        """Loading a large store takes time: keep systemd from giving up on us meanwhile."""
+        self.next_extend = time.monotonic() + EXTEND_EVERY
+        loaded = sum(self.board.get(i, status.PRODUCTS) for i in range(self.settings.shards))
+        notify_systemd(
+            f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}\nSTATUS=loading: {loaded} products so far", self.notify_socket
+        )
 
     def _timeout(self) -> float:
         if not self.arbiter_pid and not self.stopping:
@@ -281,15 +324,18 @@ class Supervisor:
         if not self.ready_announced and not self.stopping:
             raise StartupError(f"shard {shard} (pid {pid}) {how} while loading; see its log above")
         board.add(shard, status.RESTARTS, 1)
-        board.add(shard, status.STATE_LOST, 1)
+        memory_only = self.settings.durability == "none"
+        if memory_only:
+            board.add(shard, status.STATE_LOST, 1)
         now = time.monotonic()
         deaths = [t for t in self.recent_deaths.get(shard, []) if now - t < 30] + [now]
         self.recent_deaths[shard] = deaths
         delay = 0.0 if len(deaths) <= 3 else min(5.0, 0.1 * 2 ** (len(deaths) - 3))
         log.error(
-            "shard %d (pid %d) %s; restarting it%s. Its products were in memory only and are lost; "
-            "events still in its inbox will be applied by the new process",
+            "shard %d (pid %d) %s; restarting it%s. %s; events still in its inbox will be applied by the new process",
             shard, pid, how, f" in {delay:.1f}s (it keeps dying)" if delay else "",
+            "Its products were in memory only and are lost" if memory_only
+            else "It reloads its products from its last commit",
         )
         self.restart_at[shard] = now + delay
 
@@ -354,4 +400,3 @@ def _describe_exit(wstatus: int) -> str:
     return f"exited with code {os.WEXITSTATUS(wstatus)}"
 
 
-__all__ = ["Frontend", "StartupError", "Supervisor", "errno"]

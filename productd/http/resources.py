@@ -85,9 +85,15 @@ class Events:
             reasons.append("the service is stopping")
         else:
             if result.unavailable_shards:
-                reasons.append(f"shard(s) {sorted(set(result.unavailable_shards))} down or restarting")
+                reasons.append(
+                    f"shard(s) {sorted(set(result.unavailable_shards))} are restarting or cannot commit to disk"
+                )
             if result.full_shards:
                 reasons.append(f"the inbox of shard(s) {sorted(set(result.full_shards))} is full")
+            if result.commit_errors:
+                reasons.append(f"a commit failed ({result.commit_errors[0]})")
+            if result.uncommitted:
+                reasons.append(f"no commit was confirmed within {self.client.read_timeout}s")
         return Problem(
             503, "Events not accepted",
             f"{len(result.not_accepted)} of {total} events were not queued because "

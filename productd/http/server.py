@@ -41,7 +41,9 @@ class GunicornServer(BaseApplication):
 
     def load(self):
         f, s = self.frontend, self.settings
-        client = ShardClient(f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout)
+        client = ShardClient(
+            f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout, wait_for_commit=s.durability == "sync"
+        )
         return create_app(client, max_body_bytes=s.max_body_bytes, max_events=s.max_events)
 
 

@@ -39,12 +39,7 @@ def merge(
     leaves out keep their value.
     """
     if packed is None:
-        return _RECORD.pack(
-            _NAN if price is None else price,
-            UNSET if stock is None else stock,
-            UNSET if version is None else version,
-            now_ns,
-        )
+        return pack_fields(price, stock, version, now_ns)
     old_price, old_stock, old_version, _ = _RECORD.unpack(packed)
     if version is not None:
         if version <= old_version:
@@ -57,6 +52,19 @@ def merge(
         version,
         now_ns,
     )
+
+
+def pack_fields(price: float | None, stock: int | None, version: int | None, updated_at_ns: int) -> bytes:
+    """A record from stored columns, None meaning never set."""
+    return _RECORD.pack(
+        _NAN if price is None else price,
+        UNSET if stock is None else stock,
+        UNSET if version is None else version,
+        updated_at_ns,
+    )
+
+
+unpack_fields = _RECORD.unpack
 
 
 def unpack(packed: bytes) -> Product:

@@ -1,0 +1,93 @@
+"""The durable copy of one shard: an SQLite file in WAL mode, one row per product.
+
+Columns are plain SQL types so an operator can read a shard with the sqlite3 shell:
+
+    sqlite3 data/layout-1-4/shard-000.sqlite3 \
+        "SELECT id, price, stock, version, datetime(updated_at_ns / 1e9, 'unixepoch') FROM products LIMIT 5"
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterable, Iterator
+
+from productd.store.record import UNSET, pack_fields, unpack_fields
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS products (
+    id TEXT PRIMARY KEY,
+    price REAL,            -- NULL: never set
+    stock INTEGER,         -- NULL: never set
+    version INTEGER,       -- NULL: never set
+    updated_at_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class StoreFileError(Exception):
+    """A shard file cannot be used; the message names it and says why."""
+
+
+class ShardFile:
+    def __init__(self, path: str, *, sync: bool) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL fsyncs the WAL at every commit (an acknowledged event survives power loss);
+            # NORMAL survives a crash of the process, which is what batch mode promises.
+            self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreFileError(
+                    f"{path} has schema version {version}, newer than this productd understands "
+                    f"({SCHEMA_VERSION}); run a newer productd or restore a backup"
+                )
+            self.db.executescript(_SCHEMA)
+            if version == 0:
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("SELECT count(*) FROM products").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreFileError(f"{path} is not a usable productd shard file: {exc}") from exc
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
+
+    def rows(self) -> Iterator[tuple[str, bytes]]:
+        """Every product as (id, packed record)."""
+        try:
+            for product_id, price, stock, version, updated_at_ns in self.db.execute(
+                "SELECT id, price, stock, version, updated_at_ns FROM products"
+            ):
+                yield product_id, pack_fields(price, stock, version, updated_at_ns)
+        except sqlite3.DatabaseError as exc:
+            raise StoreFileError(f"{self.path} is corrupt: {exc}") from exc
+
+    def save(self, records: Iterable[tuple[str, bytes]]) -> int:
+        """Write these records in one transaction; returns how many. Raises sqlite3.Error."""
+        rows = [(product_id, *_sql_fields(packed)) for product_id, packed in records]
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _sql_fields(packed: bytes) -> tuple:
+    price, stock, version, updated_at_ns = unpack_fields(packed)
+    return (
+        None if math.isnan(price) else price,
+        None if stock == UNSET else stock,
+        None if version == UNSET else version,
+        updated_at_ns,
+    )
