@@ -58,6 +58,12 @@ OPTIONS = (
     ("data-dir", str, "directory of the shards' SQLite files (not used with --durability none)"),
     ("durability", str, "none: memory only; batch: commit every --commit-interval; sync: 202 after commit"),
     ("commit-interval", _seconds, "batch durability: longest time between commits"),
+    ("auth-token-file", str, "file holding the bearer token that POST /events requires (default: no auth)"),
+)
+FLAGS = (
+    ("reshard", "move every product to the --shards count when it differs from the data dir's"),
+    ("access-log", "log every request (requests answered 4xx or 5xx are always logged)"),
+    ("auth-reads", "with --auth-token-file, GET /products/{id} needs the token too"),
 )
 CHOICES = {
     "worker-class": ("sync", "gthread"),
@@ -91,17 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             default=getattr(defaults, dest),
             help=f"{help_text} [env {env}]",
         )
-    serve.add_argument(
-        "--reshard",
-        action="store_true",
-        default=_env_flag("RESHARD"),
-        help="move every product to the --shards count when it differs from the data dir's [env PRODUCTD_RESHARD=1]",
-    )
+    for name, help_text in FLAGS:
+        env = ENV_PREFIX + name.replace("-", "_").upper()
+        serve.add_argument(f"--{name}", action="store_true", help=f"{help_text} [env {env}=1]")
     return parser
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(ENV_PREFIX + name, "").lower() in ("1", "true", "yes", "on")
 
 
 def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
@@ -114,6 +113,10 @@ def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Setting
         value = environ.get(ENV_PREFIX + name.replace("-", "_").upper())
         if value is not None and value != "":
             env_args += [f"--{name}", value]
+    for name, _ in FLAGS:
+        value = environ.get(ENV_PREFIX + name.replace("-", "_").upper(), "").lower()
+        if value in ("1", "true", "yes", "on"):
+            env_args.append(f"--{name}")
     if args_in and args_in[0] == "serve":
         args_in = ["serve", *env_args, *args_in[1:]]
     args = parser.parse_args(args_in)
@@ -128,9 +131,23 @@ def _given(args: list[str]) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in args if a.startswith("--")}
 
 
+def read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"productd: cannot read --auth-token-file {path}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise SystemExit(f"productd: --auth-token-file {path} must hold one token without spaces")
+    return token
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logs.setup(settings.log_level, settings.log_format)
+    if settings.auth_token_file:
+        settings.auth_token = read_token(settings.auth_token_file)
+        log.info("POST /events requires a bearer token%s", " and so do reads" if settings.auth_reads else "")
     # Imported here so that `productd --help` stays fast.
     from productd.actors.supervisor import StartupError, Supervisor
     from productd.http.server import serve

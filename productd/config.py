@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -26,6 +26,10 @@ class Settings:
     durability: str = "batch"
     commit_interval: float = 0.05
     reshard: bool = False
+    access_log: bool = False
+    auth_token_file: str | None = None
+    auth_reads: bool = False
+    auth_token: str | None = field(default=None, repr=False)  # from auth_token_file; never logged
 
 
 DEFAULT_SHARDS = 4

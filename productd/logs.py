@@ -45,9 +45,19 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+_formatter: logging.Formatter = JsonFormatter()
+
+
+def formatter() -> logging.Formatter:
+    """The formatter chosen by setup(), for handlers made by others (gunicorn's)."""
+    return _formatter
+
+
 def setup(level: str, fmt: str) -> None:
+    global _formatter
+    _formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(_formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

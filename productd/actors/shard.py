@@ -25,6 +25,7 @@ READ_CHUNK = 1 << 16
 IDLE_TICK = 1.0  # heartbeat period of an idle shard, seconds
 RETRY_COMMIT = 1.0  # seconds between attempts after a failed commit
 LOAD_REPORT_EVERY = 100_000
+STALE_REPORT_EVERY = 10.0  # seconds: stale events are logged as a summary, not one line each
 STOP_COMMIT_TRIES = 10
 
 
@@ -86,8 +87,16 @@ class Shard:
         log.info("shard %d ready with %d products", sid, len(self.store))
         poller = select.poll()
         poller.register(self.inbox_fd, select.POLLIN)
+        stale_reported, next_stale_report = board.get(sid, status.STALE), time.monotonic() + STALE_REPORT_EVERY
         while True:
             board.beat(sid)
+            if time.monotonic() >= next_stale_report:
+                stale = board.get(sid, status.STALE)
+                if stale > stale_reported:
+                    log.info("shard %d ignored %d stale events (version not newer than stored) in the last %.0fs",
+                             sid, stale - stale_reported, STALE_REPORT_EVERY,
+                             extra={"fields": {"shard": sid, "stale": stale - stale_reported, "stale_total": stale}})
+                stale_reported, next_stale_report = stale, time.monotonic() + STALE_REPORT_EVERY
             timeout = IDLE_TICK
             if self.dirty:
                 timeout = max(0.0, min(timeout, self.next_commit - time.monotonic()))
@@ -157,6 +166,7 @@ class Shard:
                     if store.apply(product_id, price, stock, version, now):
                         applied += 1
                         dirty.add(product_id)
+                board.observe_apply(sid, max(0, now - head[3]) / 1e9, head[4])
                 if head[1] is not None:
                     self.pending_acks.append((head[1], head[2]))
             elif kind == protocol.GET:

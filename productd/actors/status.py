@@ -34,7 +34,13 @@ READS = 9
 SKIPPED_BYTES = 10  # inbox bytes dropped to find a frame boundary after a crash
 WRITES_REFUSED = 11  # 1 while the shard cannot commit: the front end refuses writes for it
 COMMITS = 12
-ROW_FIELDS = 16
+# Time from a front end accepting an event to its shard applying it: a histogram with the
+# bucket bounds below (seconds), then the sum in microseconds and the count.
+APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+APPLY_HIST = 16  # first bucket; buckets are cumulative only when rendered
+APPLY_SUM_US = APPLY_HIST + len(APPLY_BUCKETS) + 1
+APPLY_COUNT = APPLY_SUM_US + 1
+ROW_FIELDS = 40
 
 # Global fields, after the shard rows.
 G_STOPPING = 0
@@ -58,6 +64,18 @@ class StatusBoard:
     def add(self, shard: int, field: int, delta: int) -> None:
         """Only for the field's single writer."""
         self._q[shard * ROW_FIELDS + field] += delta
+
+    def observe_apply(self, shard: int, seconds: float, events: int) -> None:
+        """Count `events` applied `seconds` after they were accepted (the shard's own row only)."""
+        q, row = self._q, shard * ROW_FIELDS
+        bucket = len(APPLY_BUCKETS)
+        for i, bound in enumerate(APPLY_BUCKETS):
+            if seconds <= bound:
+                bucket = i
+                break
+        q[row + APPLY_HIST + bucket] += events
+        q[row + APPLY_SUM_US] += int(seconds * 1e6) * events
+        q[row + APPLY_COUNT] += events
 
     def state(self, shard: int) -> int:
         return self._q[shard * ROW_FIELDS + STATE]

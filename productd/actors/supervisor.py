@@ -233,7 +233,7 @@ class Supervisor:
                 os.close(inbox.read_fd)
             return self.serve_frontend(frontend)
 
-        self.arbiter_pid = self._fork("http", arbiter_main)
+        self.arbiter_pid = self._fork("arbiter", arbiter_main)
         self.listener.close()  # the arbiter has it now; a stopped arbiter frees the port
         log.info("gunicorn arbiter started as pid %d on %s", self.arbiter_pid, self.settings.bind)
 

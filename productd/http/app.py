@@ -1,41 +1,130 @@
-"""The Falcon application: routes, error handling and the headers every response carries."""
+"""The Falcon application: routes, error handling, and what every request gets on its way out
+(request id, serving worker, stats and a log line)."""
 
 from __future__ import annotations
 
+import hmac
+import logging
 import os
+import time
 import uuid
+from importlib import resources as package_files
 
 import falcon
+import orjson
 
 from productd.actors.client import ShardClient
 from productd.http import problems
 from productd.http.metrics import Metrics
+from productd.http.problems import Problem
 from productd.http.resources import Events, Health, ProductResource, Ready
+from productd.http.stats import HttpStats
+
+log = logging.getLogger("productd.http")
+
+ROUTE_NAMES = {
+    "/events": "events",
+    "/products/{product_id}": "product",
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/openapi.json": "openapi",
+}
 
 
-class ResponseHeaders:
-    """X-Request-ID (the client's if it is sane, else a new one) and the serving worker's pid."""
+def request_id(req: falcon.Request) -> str:
+    """The client's X-Request-ID if it is at most 128 printable ASCII characters, else a new one."""
+    rid = req.get_header("X-Request-ID")
+    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
 
-    def __init__(self) -> None:
+
+class RequestLog:
+    """Falcon middleware: headers, stats and the log line of each request."""
+
+    def __init__(self, stats: HttpStats, access_log: bool) -> None:
         self.worker = str(os.getpid())
+        self.stats = stats
+        self.access_log = access_log
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+        req.context.request_id = request_id(req)
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
-        rid = req.get_header("X-Request-ID")
-        if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
-            rid = uuid.uuid4().hex
+        elapsed = time.perf_counter() - req.context.started
+        rid = req.context.request_id
         resp.set_header("X-Request-ID", rid)
         resp.set_header("X-Productd-Worker", self.worker)
+        status = resp.status_code
+        self.stats.record(ROUTE_NAMES.get(req.uri_template, "other"), req.method, status, elapsed)
+        if status >= 400 or self.access_log:
+            fields = {
+                "request_id": rid, "method": req.method, "path": req.path, "status": status,
+                "duration_ms": round(elapsed * 1000, 3), "remote": req.remote_addr,
+            }
+            if status >= 400:
+                fields["problem"] = _problem_detail(resp)
+            level = logging.ERROR if status >= 500 else logging.INFO
+            log.log(level, "%s %s %d", req.method, req.path, status, extra={"fields": fields})
 
 
-def create_app(client: ShardClient, *, max_body_bytes: int, max_events: int) -> falcon.App:
-    app = falcon.App(middleware=[ResponseHeaders()])
+def _problem_detail(resp: falcon.Response) -> str | None:
+    if resp.data and resp.content_type == problems.PROBLEM_JSON:
+        detail = str(orjson.loads(resp.data).get("detail", ""))
+        return detail if len(detail) <= 500 else detail[:500] + "..."
+    return None
+
+
+class BearerAuth:
+    """Falcon middleware: writes (and, if asked, reads) need `Authorization: Bearer <token>`."""
+
+    def __init__(self, token: str, reads_too: bool) -> None:
+        self.token = token.encode()
+        self.reads_too = reads_too
+
+    def process_resource(self, req, resp, resource, params) -> None:
+        if req.method == "POST" or (self.reads_too and req.uri_template == "/products/{product_id}"):
+            scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
+            # compare_digest takes time independent of where the two tokens differ
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                raise Problem(
+                    401, "Unauthorized", "send Authorization: Bearer <token> (the token in --auth-token-file)",
+                    headers={"WWW-Authenticate": 'Bearer realm="productd"'},
+                )
+
+
+class OpenApi:
+    def __init__(self) -> None:
+        self.document = package_files.files("productd.http").joinpath("openapi.json").read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self.document
+
+
+def create_app(
+    client: ShardClient,
+    stats: HttpStats,
+    *,
+    max_body_bytes: int,
+    max_events: int,
+    access_log: bool = False,
+    auth_token: str | None = None,
+    auth_reads: bool = False,
+) -> falcon.App:
+    middleware: list = [RequestLog(stats, access_log)]
+    if auth_token:
+        middleware.append(BearerAuth(auth_token, auth_reads))
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = False
     app.resp_options.default_media_type = falcon.MEDIA_JSON
     app.set_error_serializer(problems.serialize_error)
     app.add_error_handler(Exception, problems.handle_unexpected)
-    app.add_route("/events", Events(client, max_body_bytes, max_events))
+    app.add_route("/events", Events(client, stats, max_body_bytes, max_events))
     app.add_route("/products/{product_id}", ProductResource(client))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(client))
-    app.add_route("/metrics", Metrics(client))
+    app.add_route("/metrics", Metrics(client, stats))
+    app.add_route("/openapi.json", OpenApi())
     return app

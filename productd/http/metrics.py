@@ -10,6 +10,7 @@ import falcon
 
 from productd.actors import status
 from productd.actors.client import ShardClient
+from productd.http.stats import HttpStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,21 +25,23 @@ SHARD_SERIES = (
     ("productd_shard_restarts_total", "counter", "Times the supervisor restarted the shard.", status.RESTARTS),
     ("productd_shard_state_lost_total", "counter",
      "Restarts after which the shard's products were gone (memory-only mode).", status.STATE_LOST),
+    ("productd_commits_total", "counter", "Transactions the shard committed to its file.", status.COMMITS),
     ("productd_inbox_skipped_bytes_total", "counter",
      "Inbox bytes dropped to find a frame boundary after a shard died mid-frame.", status.SKIPPED_BYTES),
 )
 
 
 class Metrics:
-    def __init__(self, client: ShardClient) -> None:
+    def __init__(self, client: ShardClient, stats: HttpStats) -> None:
         self.client = client
+        self.stats = stats
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE
-        resp.text = render(self.client)
+        resp.text = render(self.client, self.stats)
 
 
-def render(client: ShardClient) -> str:
+def render(client: ShardClient, stats: HttpStats) -> str:
     board = client.board
     shards = range(client.shards)
     lines: list[str] = []
@@ -52,4 +55,17 @@ def render(client: ShardClient) -> str:
     lines.append("# HELP productd_shard_up 1 while the shard is reading its inbox.")
     lines.append("# TYPE productd_shard_up gauge")
     lines.extend(f'productd_shard_up{{shard="{s}"}} {int(board.state(s) == status.READY)}' for s in shards)
+    lines.append("# HELP productd_shard_writes_refused 1 while the shard cannot commit and refuses writes.")
+    lines.append("# TYPE productd_shard_writes_refused gauge")
+    lines.extend(f'productd_shard_writes_refused{{shard="{s}"}} {board.get(s, status.WRITES_REFUSED)}' for s in shards)
+    lines.append("# HELP productd_apply_delay_seconds From accepting an event to its shard applying it.")
+    lines.append("# TYPE productd_apply_delay_seconds histogram")
+    for s in shards:
+        cumulative = 0
+        for i, bound in enumerate((*status.APPLY_BUCKETS, "+Inf")):
+            cumulative += board.get(s, status.APPLY_HIST + i)
+            lines.append(f'productd_apply_delay_seconds_bucket{{shard="{s}",le="{bound}"}} {cumulative}')
+        lines.append(f'productd_apply_delay_seconds_sum{{shard="{s}"}} {board.get(s, status.APPLY_SUM_US) / 1e6}')
+        lines.append(f'productd_apply_delay_seconds_count{{shard="{s}"}} {board.get(s, status.APPLY_COUNT)}')
+    lines.extend(stats.render(client.shards))
     return "\n".join(lines) + "\n"

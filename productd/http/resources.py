@@ -11,6 +11,7 @@ from productd.actors import status
 from productd.actors.client import ShardClient, ShardTimeout, ShardUnavailable
 from productd.http import validation
 from productd.http.problems import Problem
+from productd.http.stats import HttpStats
 
 JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
@@ -24,8 +25,9 @@ def rfc3339(ns: int) -> str:
 
 
 class Events:
-    def __init__(self, client: ShardClient, max_body_bytes: int, max_events: int) -> None:
+    def __init__(self, client: ShardClient, stats: HttpStats, max_body_bytes: int, max_events: int) -> None:
         self.client = client
+        self.stats = stats
         self.max_body_bytes = max_body_bytes
         self.max_events = max_events
 
@@ -41,6 +43,9 @@ class Events:
             )
         result = self.client.submit(events)
         if result.not_accepted:
+            shard_for = self.client.shard_for
+            for index in result.not_accepted:
+                self.stats.rejected(shard_for(events[index][0]), 1)
             raise self._refused(result, len(events))
         resp.status = falcon.HTTP_202
         resp.data = orjson.dumps({"accepted": result.accepted})

@@ -9,45 +9,82 @@ from __future__ import annotations
 
 import os
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
+from productd import logs
 from productd.actors.client import ShardClient
 from productd.actors.supervisor import Frontend
 from productd.config import Settings
 from productd.http.app import create_app
+from productd.http.stats import HttpStats
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's own messages in productd's log format; its access log stays off (we log requests)."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(logs.formatter())
+        self.access_log.disabled = True
 
 
 class GunicornServer(BaseApplication):
-    def __init__(self, settings: Settings, frontend: Frontend) -> None:
+    def __init__(self, settings: Settings, frontend: Frontend, stats: HttpStats) -> None:
         self.settings = settings
         self.frontend = frontend
+        self.stats = stats
         super().__init__(prog="productd")
 
     def load_config(self) -> None:
         s = self.settings
         if s.gunicorn_config:
             self.load_config_from_file(s.gunicorn_config)
-        self.cfg.set("bind", [f"fd://{self.frontend.listener_fd}"])
-        self.cfg.set("workers", s.workers)
-        self.cfg.set("threads", s.threads)
-        self.cfg.set("worker_class", s.worker_class)
-        self.cfg.set("graceful_timeout", max(1, round(s.graceful_timeout)))
-        self.cfg.set("loglevel", s.log_level)
-        self.cfg.set("proc_name", "productd")
-        if "control_socket_disable" in self.cfg.settings:
+        cfg = self.cfg
+        cfg.set("bind", [f"fd://{self.frontend.listener_fd}"])
+        cfg.set("workers", s.workers)
+        cfg.set("threads", s.threads)
+        cfg.set("worker_class", s.worker_class)
+        cfg.set("graceful_timeout", max(1, round(s.graceful_timeout)))
+        cfg.set("loglevel", s.log_level)
+        cfg.set("logger_class", GunicornLogger)
+        cfg.set("proc_name", "productd")
+        if "control_socket_disable" in cfg.settings:
             # gunicorn >= 25 can resize and stop itself over a control socket; the supervisor
             # owns the process tree, so that door stays shut.
-            self.cfg.set("control_socket_disable", True)
+            cfg.set("control_socket_disable", True)
+        user_pre_fork, user_post_fork = cfg.pre_fork, cfg.post_fork
+        stats = self.stats
+
+        def pre_fork(server, worker) -> None:  # in the arbiter: it alone hands out slots
+            worker.productd_slot = stats.assign(
+                {getattr(w, "productd_slot", -1) for w in server.WORKERS.values()}
+            )
+            user_pre_fork(server, worker)
+
+        def post_fork(server, worker) -> None:  # in the new worker
+            logs.set_role("worker")
+            stats.use(worker.productd_slot)
+            user_post_fork(server, worker)
+
+        cfg.set("pre_fork", pre_fork)
+        cfg.set("post_fork", post_fork)
 
     def load(self):
         f, s = self.frontend, self.settings
         client = ShardClient(
             f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout, wait_for_commit=s.durability == "sync"
         )
-        return create_app(client, max_body_bytes=s.max_body_bytes, max_events=s.max_events)
+        return create_app(
+            client, self.stats,
+            max_body_bytes=s.max_body_bytes, max_events=s.max_events, access_log=s.access_log,
+            auth_token=s.auth_token, auth_reads=s.auth_reads,
+        )
 
 
 def serve(settings: Settings, frontend: Frontend) -> int:
     os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
-    GunicornServer(settings, frontend).run()
+    stats = HttpStats(slots=max(8, 4 * settings.workers))
+    GunicornServer(settings, frontend, stats).run()
     return 0

@@ -1,0 +1,118 @@
+"""HTTP request counts and latencies of every gunicorn worker, in memory the arbiter shares.
+
+The arbiter maps one table before it forks any worker and gives each worker a slot (in
+gunicorn's pre_fork hook, where the arbiter alone decides, so two workers never share one).
+A recycled worker's replacement takes over a free slot and keeps adding to its counters, so
+totals never go back and the table never grows: a scrape sums the slots.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+ROUTES = ("events", "product", "healthz", "readyz", "metrics", "openapi", "other")
+METHODS = ("GET", "POST", "other")
+STATUSES = (200, 202, 400, 401, 404, 405, 413, 415, 422, 500, 503, 504, 0)  # 0: any other
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_SHARDS = 64
+
+_ROUTE = {name: i for i, name in enumerate(ROUTES)}
+_METHOD = {name: i for i, name in enumerate(METHODS)}
+_STATUS = {code: i for i, code in enumerate(STATUSES)}
+
+_REQUESTS = 0
+_HIST = _REQUESTS + len(ROUTES) * len(METHODS) * len(STATUSES)
+_HIST_ROW = len(LATENCY_BUCKETS) + 3  # buckets, +Inf, sum (microseconds), count
+_REJECTED = _HIST + len(ROUTES) * _HIST_ROW  # events refused with 503, per shard
+SLOT_FIELDS = _REJECTED + MAX_SHARDS
+
+
+class HttpStats:
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._mem = mmap.mmap(-1, 8 * SLOT_FIELDS * slots)
+        self._q = memoryview(self._mem).cast("q")
+        self._base = 0  # this worker's slot offset
+        self._lock = threading.Lock()  # gthread workers update one slot from several threads
+
+    # -- in the arbiter
+
+    def assign(self, taken: set[int]) -> int:
+        """A slot for the worker about to be forked: one no live worker holds.
+
+        With every slot taken (only if workers were added at run time) the new worker shares
+        slot 0; its counts may then race with another worker's.
+        """
+        for slot in range(self.slots):
+            if slot not in taken:
+                return slot
+        return 0
+
+    # -- in a worker
+
+    def use(self, slot: int) -> None:
+        self._base = slot * SLOT_FIELDS
+
+    def record(self, route: str, method: str, status: int, seconds: float) -> None:
+        q, base = self._q, self._base
+        r = _ROUTE.get(route, len(ROUTES) - 1)
+        m = _METHOD.get(method, len(METHODS) - 1)
+        s = _STATUS.get(status, len(STATUSES) - 1)
+        bucket = len(LATENCY_BUCKETS)
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                bucket = i
+                break
+        hist = base + _HIST + r * _HIST_ROW
+        with self._lock:
+            q[base + _REQUESTS + (r * len(METHODS) + m) * len(STATUSES) + s] += 1
+            q[hist + bucket] += 1
+            q[hist + len(LATENCY_BUCKETS) + 1] += int(seconds * 1e6)
+            q[hist + len(LATENCY_BUCKETS) + 2] += 1
+
+    def rejected(self, shard: int, events: int) -> None:
+        with self._lock:
+            self._q[self._base + _REJECTED + shard] += events
+
+    # -- for a scrape, in any process
+
+    def _total(self, field: int) -> int:
+        q = self._q
+        return sum(q[slot * SLOT_FIELDS + field] for slot in range(self.slots))
+
+    def render(self, shards: int) -> list[str]:
+        lines = [
+            "# HELP productd_http_requests_total HTTP requests answered, by route, method and status.",
+            "# TYPE productd_http_requests_total counter",
+        ]
+        for r, route in enumerate(ROUTES):
+            for m, method in enumerate(METHODS):
+                for s, code in enumerate(STATUSES):
+                    value = self._total(_REQUESTS + (r * len(METHODS) + m) * len(STATUSES) + s)
+                    if value:
+                        labels = f'route="{route}",method="{method}",status="{code or "other"}"'
+                        lines.append(f"productd_http_requests_total{{{labels}}} {value}")
+        lines += [
+            "# HELP productd_http_request_duration_seconds Time to answer an HTTP request, by route.",
+            "# TYPE productd_http_request_duration_seconds histogram",
+        ]
+        for r, route in enumerate(ROUTES):
+            hist = _HIST + r * _HIST_ROW
+            count = self._total(hist + len(LATENCY_BUCKETS) + 2)
+            if not count:
+                continue
+            cumulative = 0
+            for i, bound in enumerate((*LATENCY_BUCKETS, "+Inf")):
+                cumulative += self._total(hist + i)
+                labels = f'route="{route}",le="{bound}"'
+                lines.append(f"productd_http_request_duration_seconds_bucket{{{labels}}} {cumulative}")
+            total_us = self._total(hist + len(LATENCY_BUCKETS) + 1)
+            lines.append(f'productd_http_request_duration_seconds_sum{{route="{route}"}} {total_us / 1e6}')
+            lines.append(f'productd_http_request_duration_seconds_count{{route="{route}"}} {count}')
+        lines += [
+            "# HELP productd_events_rejected_total Events refused with 503 (inbox full, shard down), by shard.",
+            "# TYPE productd_events_rejected_total counter",
+        ]
+        lines += [f'productd_events_rejected_total{{shard="{s}"}} {self._total(_REJECTED + s)}' for s in range(shards)]
+        return lines
