@@ -96,8 +96,12 @@ class BearerAuth:
 
 
 class OpenApi:
-    def __init__(self) -> None:
-        self.document = package_files.files("productd.http").joinpath("openapi.json").read_bytes()
+    """The OpenAPI document kept in the package, with this instance's --max-events filled in."""
+
+    def __init__(self, max_events: int) -> None:
+        doc = orjson.loads(package_files.files("productd.http").joinpath("openapi.json").read_bytes())
+        doc["components"]["schemas"]["EventBatch"]["maxItems"] = max_events
+        self.document = orjson.dumps(doc)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data = self.document
@@ -126,5 +130,5 @@ def create_app(
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(client))
     app.add_route("/metrics", Metrics(client, stats))
-    app.add_route("/openapi.json", OpenApi())
+    app.add_route("/openapi.json", OpenApi(max_events))
     return app

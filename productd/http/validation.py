@@ -154,6 +154,10 @@ def _price(value: object, pointer: str, errors: list[dict]) -> float | None:
 
 
 def _int64(value: object, pointer: str, errors: list[dict]) -> int | None:
+    # JSON has one number type and JSON Schema calls 5.0 an integer; generated clients send it.
+    # A float is exact only up to 2**53, so larger ones are refused rather than rounded.
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        value = int(value)
     if type(value) is not int:
         errors.append({"pointer": pointer, "detail": f"must be an integer, not {_json_type(value)}"})
         return None
