@@ -44,7 +44,7 @@ OPTIONS = (
     ("shards", _positive_int(1, 64),
      "shard processes that own the products (1..64; default: the count recorded in the data dir, else 4)"),
     ("workers", _positive_int(1, 256), "gunicorn worker processes (default: the number of CPUs)"),
-    ("threads", _positive_int(1, 256), "threads per gunicorn worker; above 1 uses gthread workers"),
+    ("threads", _positive_int(1, 256), "threads per gunicorn worker (gthread)"),
     ("worker-class", str, "gunicorn worker class: sync or gthread"),
     ("enqueue-timeout", _seconds, "seconds a write waits for room in a full inbox before it gets 503"),
     ("read-timeout", _seconds, "seconds a read waits for its shard before it gets 504"),
@@ -122,13 +122,7 @@ def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Setting
     args = parser.parse_args(args_in)
     values = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
     settings = Settings(**values)
-    if settings.threads > 1 and "worker_class" not in _given(args_in):
-        settings.worker_class = "gthread"
     return settings
-
-
-def _given(args: list[str]) -> set[str]:
-    return {a[2:].split("=")[0].replace("-", "_") for a in args if a.startswith("--")}
 
 
 def read_token(path: str) -> str:

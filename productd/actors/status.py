@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import time
+from bisect import bisect_left
 
 # Shard states.
 STARTING = 0  # forked, loading its products
@@ -68,11 +69,7 @@ class StatusBoard:
     def observe_apply(self, shard: int, seconds: float, events: int) -> None:
         """Count `events` applied `seconds` after they were accepted (the shard's own row only)."""
         q, row = self._q, shard * ROW_FIELDS
-        bucket = len(APPLY_BUCKETS)
-        for i, bound in enumerate(APPLY_BUCKETS):
-            if seconds <= bound:
-                bucket = i
-                break
+        bucket = bisect_left(APPLY_BUCKETS, seconds)
         q[row + APPLY_HIST + bucket] += events
         q[row + APPLY_SUM_US] += int(seconds * 1e6) * events
         q[row + APPLY_COUNT] += events

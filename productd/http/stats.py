@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+from bisect import bisect_left
 
 ROUTES = ("events", "product", "healthz", "readyz", "metrics", "openapi", "other")
 METHODS = ("GET", "POST", "other")
@@ -59,11 +60,7 @@ class HttpStats:
         r = _ROUTE.get(route, len(ROUTES) - 1)
         m = _METHOD.get(method, len(METHODS) - 1)
         s = _STATUS.get(status, len(STATUSES) - 1)
-        bucket = len(LATENCY_BUCKETS)
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                bucket = i
-                break
+        bucket = bisect_left(LATENCY_BUCKETS, seconds)
         hist = base + _HIST + r * _HIST_ROW
         with self._lock:
             q[base + _REQUESTS + (r * len(METHODS) + m) * len(STATUSES) + s] += 1
