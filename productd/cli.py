@@ -139,6 +139,8 @@ def read_token(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logs.setup(settings.log_level, settings.log_format)
+    if settings.gunicorn_config and not os.path.isfile(settings.gunicorn_config):
+        raise SystemExit(f"productd: --gunicorn-config {settings.gunicorn_config}: no such file")
     if settings.auth_token_file:
         settings.auth_token = read_token(settings.auth_token_file)
         log.info("POST /events requires a bearer token%s", " and so do reads" if settings.auth_reads else "")

@@ -77,7 +77,10 @@ class Events:
         length = req.content_length
         if length is not None and length > limit:
             raise _too_large(length, limit)
-        body = req.bounded_stream.read(limit + 1)
+        # Without Content-Length (chunked), Falcon's bounded stream reads nothing; gunicorn's own
+        # input decodes the chunks and ends where the body ends.
+        stream = req.bounded_stream if length is not None else req.stream
+        body = stream.read(limit + 1)
         if len(body) > limit:
             raise _too_large(None, limit)
         if not body:

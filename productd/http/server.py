@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from gunicorn import glogging
-from gunicorn.app.base import BaseApplication
+from gunicorn.app.base import Application
 
 from productd import logs
 from productd.actors.client import ShardClient
@@ -30,7 +30,9 @@ class GunicornLogger(glogging.Logger):
         self.access_log.disabled = True
 
 
-class GunicornServer(BaseApplication):
+class GunicornServer(Application):
+    """gunicorn's Application for its config-file loading; the command line is ours, not gunicorn's."""
+
     def __init__(self, settings: Settings, frontend: Frontend, stats: HttpStats) -> None:
         self.settings = settings
         self.frontend = frontend
