@@ -113,6 +113,8 @@ class Shard:
     def finish(self) -> int:
         for _ in range(STOP_COMMIT_TRIES):
             if self.commit():
+                if self.file is not None:
+                    self.file.close()  # folds the WAL into the file: a clean copy for backups
                 log.info("shard %d drained its inbox and stops with %d products", self.id, len(self.store))
                 return 0
             time.sleep(RETRY_COMMIT)

@@ -127,7 +127,8 @@ class Supervisor:
             layout, shards = data.prepare(s.shards, DEFAULT_SHARDS, s.reshard, shard_for)
             self.shard_paths = [data.shard_path(layout, i) for i in range(shards)]
             for path in self.shard_paths:
-                ShardFile(path, sync=False).close()  # a bad file is named here, before anything forks
+                if os.path.exists(path):
+                    ShardFile.check(path)  # a bad file is named here, before anything forks
         except (DataDirError, StoreFileError) as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:

@@ -66,7 +66,6 @@ class GunicornServer(Application):
             user_pre_fork(server, worker)
 
         def post_fork(server, worker) -> None:  # in the new worker
-            logs.set_role("worker")
             stats.use(worker.productd_slot)
             user_post_fork(server, worker)
 
@@ -88,5 +87,7 @@ class GunicornServer(Application):
 def serve(settings: Settings, frontend: Frontend) -> int:
     os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
     stats = HttpStats(slots=max(8, 4 * settings.workers))
+    # gunicorn logs from a new worker before its post_fork hook runs: name the role at the fork itself.
+    os.register_at_fork(after_in_child=lambda: logs.set_role("worker"))
     GunicornServer(settings, frontend, stats).run()
     return 0

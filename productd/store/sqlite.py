@@ -33,24 +33,54 @@ class StoreFileError(Exception):
 class ShardFile:
     def __init__(self, path: str, *, sync: bool) -> None:
         self.path = path
+        self.db = None
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # Check the version before anything that writes: a newer productd's file stays untouched.
+            version = _check_version(self.db, path)
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL fsyncs the WAL at every commit (an acknowledged event survives power loss);
             # NORMAL survives a crash of the process, which is what batch mode promises.
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreFileError(
-                    f"{path} has schema version {version}, newer than this productd understands "
-                    f"({SCHEMA_VERSION}); run a newer productd or restore a backup"
-                )
             self.db.executescript(_SCHEMA)
             if version == 0:
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self.db.execute("SELECT count(*) FROM products").fetchone()
+        except (sqlite3.DatabaseError, StoreFileError) as exc:
+            self._abandon()
+            if isinstance(exc, StoreFileError):
+                raise
+            raise StoreFileError(f"{path} is not a usable productd shard file: {exc}") from exc
+
+    @staticmethod
+    def check(path: str) -> None:
+        """Open an existing shard file read-only: is it SQLite, and not from a newer productd? Changes nothing.
+
+        Immutable mode ignores the WAL, so after a crash the tables may not be visible yet: the
+        shard's own read-write open checks the rest.
+        """
+        try:
+            # immutable: no lock, no -wal or -shm file created; enough to read the header and schema
+            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        except sqlite3.DatabaseError as exc:
+            raise StoreFileError(f"{path} cannot be opened: {exc}") from exc
+        try:
+            _check_version(db, path)
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreFileError(f"{path} is not a usable productd shard file: {exc}") from exc
+        finally:
+            db.close()
+
+    def _abandon(self) -> None:
+        """Drop a connection to a file we refuse, without the checkpoint a normal close does."""
+        if self.db is not None:
+            try:
+                self.db.execute("PRAGMA wal_autocheckpoint=0")
+            except sqlite3.DatabaseError:
+                pass
+            self.db.close()
+            self.db = None
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
@@ -81,6 +111,16 @@ class ShardFile:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _check_version(db: sqlite3.Connection, path: str) -> int:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreFileError(
+            f"{path} has schema version {version}, newer than this productd understands "
+            f"({SCHEMA_VERSION}); run a newer productd or restore a backup"
+        )
+    return version
 
 
 def _sql_fields(packed: bytes) -> tuple:
