@@ -439,6 +439,16 @@ def test_invalid_json_bodies(body, status, pointers):
     assert error_pointers(p) == pointers
 
 
+def test_too_many_events_is_413_before_any_item_is_validated():
+    """A client learns about the size limit first: splitting the request is the fix either way."""
+    bad_items = b"[" + b",".join([b'{"stock": true}'] * 4) + b"]"
+    assert problem(lambda body: validation.events_from_json(body, max_events=3), bad_items).status_code == 413
+    assert problem(lambda body: validation.events_from_json(body, max_events=4), bad_items).status_code == 422
+    lines = b"\n".join([b'{"stock": true}'] * 4) + b"\n\n"
+    assert problem(lambda body: validation.events_from_ndjson(body, max_events=3), lines).status_code == 413
+    assert problem(lambda body: validation.events_from_ndjson(body, max_events=4), lines).status_code == 422
+
+
 def test_ndjson_lines_are_indexed_over_non_empty_lines():
     body = (
         b'{"product_id": "a", "price": 1}\n\n  \n'

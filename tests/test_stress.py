@@ -346,3 +346,22 @@ def test_signal_when_idle_exits_zero_leaving_nothing(start_service, sig):
     svc.assert_no_leftovers()
     assert not any(alive(p) for p in everything)
     assert len(DRAINED.findall(svc.log_text())) == 3, svc.log_tail()
+
+
+def test_a_stuck_shard_is_reported_not_ready(start_service):
+    """A shard that stops going round its loop (here: SIGSTOP) turns /readyz and productd_shard_up to 'no'."""
+    svc = start_service(shards=2, workers=1)
+    stuck = svc.shard_pids()[1]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        svc.wait_for(lambda: svc.readyz().status_code == 503, "/readyz to report the stuck shard", deadline=20)
+        body = svc.readyz().json()
+        assert [s["ready"] for s in body["shards"]] == [True, False]
+        assert body["shards"][1]["state"] == "ready"  # its process is there: stuck, not dead
+        assert svc.metrics()[("productd_shard_up", "1")] == 0
+        assert svc.metrics()[("productd_shard_up", "0")] == 1
+        assert svc.metrics()[("productd_shard_heartbeat_age_seconds", "1")] >= 5
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    svc.wait_for(lambda: svc.readyz().status_code == 200, "/readyz to recover once the shard runs again")
+    assert svc.shard_pids()[1] == stuck  # nobody restarted it: it was alive all along

@@ -49,6 +49,9 @@ G_SUPERVISOR_PID = 1
 GLOBAL_FIELDS = 8
 
 
+HEARTBEAT_STALE_S = 5.0  # an idle shard beats every second; five missed beats means stuck
+
+
 class StatusBoard:
     def __init__(self, shards: int) -> None:
         self.shards = shards
@@ -99,3 +102,8 @@ class StatusBoard:
     @supervisor_pid.setter
     def supervisor_pid(self, value: int) -> None:
         self._q[self._g + G_SUPERVISOR_PID] = value
+
+
+def answering(board: StatusBoard, shard: int) -> bool:
+    """Ready, and went round its loop recently (a stopped or wedged process does not)."""
+    return board.state(shard) == READY and board.heartbeat_age(shard) < HEARTBEAT_STALE_S

@@ -114,6 +114,7 @@ class Supervisor:
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
         self.shard_paths: list[str | None] = []
         self.next_extend = 0.0
+        self.pending_signals: list[int] = []
 
     def _open_data(self) -> int:
         """Lock the data dir, settle the layout and check every shard file; returns the shard count."""
@@ -152,7 +153,6 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
-        self.pending_signals: list[int] = []
         log.info(
             "starting %d shards, inboxes of %d bytes",
             s.shards, self.inboxes[0].capacity,

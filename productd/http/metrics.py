@@ -52,9 +52,14 @@ def render(client: ShardClient, stats: HttpStats) -> str:
     lines.append("# HELP productd_inbox_bytes Bytes waiting in the shard's inbox.")
     lines.append("# TYPE productd_inbox_bytes gauge")
     lines.extend(f'productd_inbox_bytes{{shard="{s}"}} {client.inbox_bytes(s)}' for s in shards)
-    lines.append("# HELP productd_shard_up 1 while the shard is reading its inbox.")
+    lines.append("# HELP productd_shard_up 1 while the shard is ready and went round its loop in the last 5 s.")
     lines.append("# TYPE productd_shard_up gauge")
-    lines.extend(f'productd_shard_up{{shard="{s}"}} {int(board.state(s) == status.READY)}' for s in shards)
+    lines.extend(f'productd_shard_up{{shard="{s}"}} {int(status.answering(board, s))}' for s in shards)
+    lines.append("# HELP productd_shard_heartbeat_age_seconds Seconds since the shard last went round its loop.")
+    lines.append("# TYPE productd_shard_heartbeat_age_seconds gauge")
+    lines.extend(
+        f'productd_shard_heartbeat_age_seconds{{shard="{s}"}} {board.heartbeat_age(s):.3f}' for s in shards
+    )
     lines.append("# HELP productd_shard_writes_refused 1 while the shard cannot commit and refuses writes.")
     lines.append("# TYPE productd_shard_writes_refused gauge")
     lines.extend(f'productd_shard_writes_refused{{shard="{s}"}} {board.get(s, status.WRITES_REFUSED)}' for s in shards)

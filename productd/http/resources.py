@@ -16,7 +16,6 @@ from productd.http.stats import HttpStats
 JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 RETRY_AFTER_FULL = "1"
-HEARTBEAT_STALE_S = 5.0
 
 
 def rfc3339(ns: int) -> str:
@@ -34,13 +33,7 @@ class Events:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         parse = self._parser(req.content_type)
         body = self._read_body(req)
-        events = parse(body)
-        if len(events) > self.max_events:
-            raise Problem(
-                413, "Too many events",
-                f"{len(events)} events in one request; at most {self.max_events} are taken (--max-events)",
-                kind="too-many-events",
-            )
+        events = parse(body, self.max_events)
         result = self.client.submit(events)
         if result.not_accepted:
             shard_for = self.client.shard_for
@@ -173,7 +166,7 @@ class Ready:
         for shard in range(self.client.shards):
             state = board.state(shard)
             alive = state in (status.STARTING, status.READY)
-            answering = state == status.READY and board.heartbeat_age(shard) < HEARTBEAT_STALE_S
+            answering = status.answering(board, shard)
             ready = ready and answering
             shards.append(
                 {

@@ -46,7 +46,8 @@ class GunicornServer(Application):
         cfg = self.cfg
         cfg.set("bind", [f"fd://{self.frontend.listener_fd}"])
         cfg.set("workers", s.workers)
-        cfg.set("threads", s.threads)
+        # gunicorn turns a sync worker with threads into gthread; sync means one thread here.
+        cfg.set("threads", 1 if s.worker_class == "sync" else s.threads)
         cfg.set("worker_class", s.worker_class)
         cfg.set("graceful_timeout", max(1, round(s.graceful_timeout)))
         cfg.set("loglevel", s.log_level)

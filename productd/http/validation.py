@@ -19,6 +19,7 @@ FIELDS = frozenset(("product_id", "price", "stock", "version"))
 PRODUCT_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 PRODUCT_ID_RULE = "1 to 128 characters, each a letter, digit or one of -._~:@, and not '.' or '..'"
 MAX_REPORTED_ERRORS = 100
+DEFAULT_MAX_EVENTS = 10_000  # --max-events
 
 Event = tuple  # (product_id, price | None, stock | None, version | None)
 
@@ -54,11 +55,21 @@ def _malformed(pointer: str, detail: str) -> Problem:
     return Problem(400, "Malformed request body", detail)
 
 
-def events_from_json(body: bytes) -> list[Event]:
+def too_many(count: int, max_events: int) -> Problem:
+    return Problem(
+        413, "Too many events",
+        f"{count} events in one request; at most {max_events} are taken (--max-events)",
+        kind="too-many-events",
+    )
+
+
+def events_from_json(body: bytes, max_events: int = DEFAULT_MAX_EVENTS) -> list[Event]:
     doc = parse_json(body)
     if isinstance(doc, list):
         if not doc:
             raise Problem(400, "Malformed request body", "the array holds no events")
+        if len(doc) > max_events:
+            raise too_many(len(doc), max_events)
         return validate_items(doc, "")
     if isinstance(doc, dict):
         errors: list[dict] = []
@@ -72,12 +83,11 @@ def events_from_json(body: bytes) -> list[Event]:
     )
 
 
-def events_from_ndjson(body: bytes) -> list[Event]:
-    docs = []
-    for line in body.split(b"\n"):
-        line = line.strip(b" \t\r")
-        if line:
-            docs.append(parse_json(line, f"/{len(docs)}"))
+def events_from_ndjson(body: bytes, max_events: int = DEFAULT_MAX_EVENTS) -> list[Event]:
+    lines = [line for line in (raw.strip(b" \t\r") for raw in body.split(b"\n")) if line]
+    if len(lines) > max_events:
+        raise too_many(len(lines), max_events)
+    docs = [parse_json(line, f"/{index}") for index, line in enumerate(lines)]
     if not docs:
         raise Problem(400, "Malformed request body", "the body holds no events")
     return validate_items(docs, "")
