@@ -10,9 +10,10 @@ def pytest_sessionstart(session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    path = report.write()
-    if path is None:
+    paths = report.write()
+    if not paths:
         return
     terminalreporter.section("productd bench: ratios in this session")
     terminalreporter.write(report.markdown())
-    terminalreporter.write_line(f"written to {path} and {path.with_suffix('.json')}")
+    for path in paths:
+        terminalreporter.write_line(f"written to {path} and {path.with_suffix('.json')}")

@@ -256,6 +256,28 @@ def productd_server(
     return server
 
 
+def durability_of(server: Server) -> str:
+    """The --durability a productd server runs with: its last --durability argument, else the env, else batch."""
+    mode = os.environ.get("PRODUCTD_DURABILITY") or "batch"
+    argv = server.argv
+    for i, arg in enumerate(argv):
+        if arg == "--durability" and i + 1 < len(argv):
+            mode = argv[i + 1]
+        elif arg.startswith("--durability="):
+            mode = arg.partition("=")[2]
+    return mode
+
+
+def loadavg() -> tuple[float, float, float]:
+    """1, 5 and 15-minute load averages: the bench shares 2 cores, so each result notes how busy they were."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            one, five, fifteen = f.read().split()[:3]
+        return float(one), float(five), float(fifteen)
+    except (OSError, ValueError):
+        return math.nan, math.nan, math.nan
+
+
 def _no_control_socket() -> list[str]:
     """gunicorn >= 25 opens a control socket under ~/.gunicorn; productd turns it off, so do the baselines."""
     try:

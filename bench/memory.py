@@ -13,14 +13,22 @@
    (`products_lost_by_kill`); memory-only mode loses the shard's products (404 after restart).
 6. Stop the service gracefully and start it again on the same data directory: time until /readyz
    is 200 with every product loaded (the durable start-up time).
+7. Stop it gracefully again (SIGTERM: each shard commits and folds its WAL into its file on a clean
+   stop) and sum the sizes of the shard files (`shard-*.sqlite3` plus any `-wal`/`-shm` left):
+   bytes on disk / products = bytes per product on disk.
+
+`run_once()` caches the result per product count, so test_memory.py and test_durability.py share one
+1M-product run in a session.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -130,6 +138,28 @@ def restart_after_kill(port: int, product: str, pid: int, timeout: float = 120.0
     }
 
 
+def disk_usage(data_dir: str, products: int) -> dict:
+    """Sizes of the shard files under data_dir, and bytes per product on disk (call it after a graceful stop)."""
+    files = sorted(glob.glob(os.path.join(data_dir, "**", "shard-*.sqlite3*"), recursive=True))
+    main = [f for f in files if f.endswith(".sqlite3")]
+    sizes = {f: os.path.getsize(f) for f in files}
+    total = sum(sizes.values())
+    rows = 0
+    for f in main:  # after sizing: immutable=1 creates no -shm/-wal and takes no lock
+        db = sqlite3.connect(f"file:{f}?mode=ro&immutable=1", uri=True)
+        try:
+            rows += db.execute("SELECT count(*) FROM products").fetchone()[0]
+        finally:
+            db.close()
+    return {
+        "disk_shard_files": len(main),
+        "disk_shard_bytes": total,
+        "disk_wal_shm_bytes": total - sum(sizes[f] for f in main),  # 0 when every shard stopped cleanly
+        "disk_products": rows,
+        "disk_bytes_per_product": total / products if products else None,
+    }
+
+
 def run(n: int | None = None, log=print) -> dict:
     n = n or products()
     data_dir = tempfile.mkdtemp(prefix="bench-memory-")
@@ -138,6 +168,7 @@ def run(n: int | None = None, log=print) -> dict:
         server = live.productd_server(data_dir=data_dir).start()
         try:
             port = server.port
+            out["durability"] = live.durability_of(server)
             before, pids = shard_rss(port)
             log(f"shards {pids}: {before / 2**20:.1f} MiB RSS before; loading {n:,} products ...")
             out["load_seconds"] = load_seconds = load_products(port, n)
@@ -173,11 +204,28 @@ def run(n: int | None = None, log=print) -> dict:
             status, _, _ = live.request("GET", again.port, f"/products/{memory_id(n - 1)}")
             out["startup_last_product_status"] = status
         finally:
-            again.stop()
+            out["final_stop_exit_code"] = again.stop()  # graceful (SIGTERM) unless it had to be killed
+        out.update(disk_usage(data_dir, out["products_after_startup"]))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     log(json.dumps(out, indent=2))
     return out
+
+
+_runs: dict[int, dict] = {}
+
+
+def has_run(n: int | None = None) -> bool:
+    """Whether run_once(n) would reuse an earlier run."""
+    return (n or products()) in _runs
+
+
+def run_once(n: int | None = None, log=print) -> dict:
+    """run(n), or the result of the run(n) made earlier in this process."""
+    n = n or products()
+    if n not in _runs:
+        _runs[n] = run(n, log)
+    return dict(_runs[n])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
 """Collects the bench results of one pytest session and turns them into the ratio table.
 
-The HTTP runs (test_http.py) and the memory run (test_memory.py) record here; bench/conftest.py
-prints the table at the end of the session and writes bench/results/latest.md and latest.json.
+The HTTP runs (test_http.py), the memory run (test_memory.py) and the durability runs
+(test_durability.py) record here; bench/conftest.py prints the table at the end of the session and
+writes bench/results/latest.md and latest.json.
+
+The durability section (issue 3) is self-contained: the three modes are measured against each other
+in one session, and the section carries its own date, command and load average. A session that
+measures it without the HTTP runs (`pytest bench/test_durability.py`) writes partial.md/.json as
+usual and also replaces just that section in latest.md/.json; a full session without it carries the
+previous durability section over.
 Targets from issue 4 are reported as pass/miss, never asserted: absolute numbers on a shared
 2-core machine wander, and only the ratios measured in one session mean anything.
 """
@@ -27,6 +34,13 @@ http_results: dict[tuple[str, str], live.LoadResult] = {}  # (server, load) -> r
 extra: dict[str, dict] = {}  # section name -> facts (memory, restart, ...)
 meta: dict = {}
 
+DURABILITY_MODES = ("none", "batch", "sync")
+DURABILITY_LOADS = ("post_single", "post_bulk_ndjson")
+DURABILITY_HEADING = "## durability (issue 3)"
+durability_runs: dict[tuple[str, str], dict] = {}  # (mode, load) -> LoadResult.as_dict() + mode + load average
+durability_storage: dict = {}  # bytes per product on disk and in memory, start-up time
+durability_meta: dict = {}
+
 
 def record_http(result: live.LoadResult) -> None:
     http_results[(result.server, result.load)] = result
@@ -34,6 +48,35 @@ def record_http(result: live.LoadResult) -> None:
 
 def record(section: str, **facts) -> None:
     extra.setdefault(section, {}).update(facts)
+
+
+def _durability_meta() -> None:
+    if not durability_meta:
+        durability_meta.update(
+            when=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            command=meta.get("command", "?"),
+            seconds=meta.get("seconds"),
+            warmup=meta.get("warmup"),
+            gunicorn=meta.get("gunicorn"),
+        )
+
+
+def record_durability(mode: str, result: live.LoadResult, loadavg_1min: float) -> None:
+    """One load run against `productd serve --durability mode`."""
+    _durability_meta()
+    durability_runs[(mode, result.load)] = {**result.as_dict(), "durability": mode, "loadavg_1min": loadavg_1min}
+
+
+def record_durability_storage(**facts) -> None:
+    _durability_meta()
+    durability_storage.update(facts)
+
+
+def durability_doc() -> dict | None:
+    """This session's durability section as JSON, or None if it was not measured."""
+    if not durability_runs and not durability_storage:
+        return None
+    return {"meta": dict(durability_meta), "runs": list(durability_runs.values()), "storage": dict(durability_storage)}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -87,7 +130,65 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
-def markdown() -> str:
+def durability_markdown(doc: dict) -> str:
+    """The durability section from its JSON form (this session's, or one carried over from latest.json)."""
+    m, st = doc.get("meta", {}), doc.get("storage", {})
+    runs = {(r["durability"], r["load"]): r for r in doc.get("runs", [])}
+    lines = [DURABILITY_HEADING, "", f"- when: {m.get('when', '?')}; command: `{m.get('command', '?')}`"]
+    if runs:
+        tools = ", ".join(sorted({r["tool"] for r in runs.values()}))
+        loads = [r["loadavg_1min"] for r in runs.values() if r.get("loadavg_1min") is not None]
+        busy = f"{min(loads):.2f} to {max(loads):.2f}" if loads else "?"
+        lines += [
+            f"- load generator: {tools}; {m.get('seconds', '?')} s per run after {m.get('warmup', '?')} s warm-up; "
+            f"gunicorn: {m.get('gunicorn', '?')}; 1-minute load average before the runs: {busy}",
+            "- each mode is its own `productd serve --durability MODE` with a fresh temporary `--data-dir`, "
+            "preloaded with 10,000 products; per load the three modes run back to back",
+            "- ratios are against `batch` (the default); for latency, lower is better. Issue 3 asks `sync` to "
+            'stay "within a small factor of batch" under many concurrent clients: see sync/batch events/s',
+            "",
+            "| load | metric | none | batch | sync | sync/batch | none/batch |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for load in DURABILITY_LOADS:
+            present = [runs[(mode, load)] for mode in DURABILITY_MODES if (mode, load) in runs]
+            if not present:
+                continue
+            label = f"{load} ({present[0]['connections']} conn)"
+            metrics = [("events/s", "events_per_s", 0), ("p50 ms", "p50_ms", 2), ("p99 ms", "p99_ms", 2),
+                       ("non-2xx", "non_2xx", 0)]  # fmt: skip
+            if present[0]["events_per_write"] != 1:
+                metrics.insert(1, ("req/s", "rps", 0))
+            for name, key, digits in metrics:
+                none_, batch, sync = (runs.get((mode, load), {}).get(key) for mode in DURABILITY_MODES)
+                lines.append(
+                    f"| {label} | {name} | {_fmt(none_, digits)} | {_fmt(batch, digits)} | {_fmt(sync, digits)} | "
+                    f"{_fmt(_ratio(sync, batch), 3)} | {_fmt(_ratio(none_, batch), 3)} |"
+                )
+    if st:
+        n = st.get("products")
+        count = _fmt(n) if isinstance(n, int) else "?"
+        rows = [
+            (f"products loaded (12-character ids, price and stock; durability {st.get('durability', '?')})", n),
+            ("bytes/product on disk (shard files after a graceful stop / products)", st.get("disk_bytes_per_product")),
+            ("shard files, total bytes", st.get("disk_shard_bytes")),
+            ("shard files (one per shard)", st.get("disk_shard_files")),
+            ("of which -wal/-shm left after the stop (0: folded into the file)", st.get("disk_wal_shm_bytes")),
+            ("rows in the shard files", st.get("disk_products")),
+            ("bytes/product in memory (shards' RSS growth / products)", st.get("bytes_per_product")),
+            (f"start with {count} products: spawn until /readyz 200, seconds", st.get("startup_seconds")),
+            ("products loaded by that start", st.get("products_after_startup")),
+            ("exit code of the graceful stop before sizing the files", st.get("final_stop_exit_code")),
+            ("1-minute load average before this run", st.get("loadavg_1min")),
+        ]
+        lines += ["", "| storage and start-up | value |", "|---|---:|"]
+        lines += [f"| {label} | {_fmt(v) if isinstance(v, (int, float)) else v if v is not None else 'n/a'} |"
+                  for label, v in rows]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def markdown(durability: dict | None = None) -> str:
+    """The session's table; `durability` is a durability section to show when this session did not measure one."""
     loads = [name for name in live.LOADS if any((s, name) in http_results for s in SERVERS)]
     tools = sorted({r.tool for r in http_results.values()})
     lines = [
@@ -126,16 +227,23 @@ def markdown() -> str:
     for section, facts in extra.items():
         lines += ["", f"## {section}", ""]
         lines += [f"- {k}: {_fmt(v) if isinstance(v, (int, float)) else v}" for k, v in facts.items()]
+    durability = durability_doc() or durability
+    if durability:
+        lines += ["", durability_markdown(durability).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-def as_json() -> dict:
-    return {
+def as_json(durability: dict | None = None) -> dict:
+    doc = {
         "meta": meta,
         "http": [r.as_dict() for r in http_results.values()],
         "targets": targets(),
         **extra,
     }
+    durability = durability_doc() or durability
+    if durability:
+        doc["durability"] = durability
+    return doc
 
 
 def fill_meta() -> None:
@@ -167,16 +275,55 @@ def fill_meta() -> None:
     )
 
 
-def write() -> Path | None:
-    """Write results/latest.md and latest.json; None when nothing was measured.
+def _drop_section(text: str, heading: str) -> str:
+    """text without the `## ...` section that starts with the line `heading` (up to the next heading)."""
+    out, skipping = [], False
+    for line in text.splitlines():
+        if line == heading:
+            skipping = True
+            continue
+        if skipping and line.startswith("#"):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _write(md: Path, text: str, doc: dict) -> None:
+    md.write_text(text)
+    md.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def write() -> list[Path]:
+    """Write results/latest.md and latest.json; returns the .md files written (none when nothing was measured).
 
     A session without the HTTP runs (say `pytest bench/test_store.py`) writes partial.md/.json instead,
-    so it does not overwrite the last full table.
+    so it does not overwrite the last full table; if it measured the durability section, that section
+    (and only that) is replaced in latest.md/.json as well.
     """
-    if not http_results and not extra:
-        return None
+    durability = durability_doc()
+    if not http_results and not extra and durability is None:
+        return []
     RESULTS_DIR.mkdir(exist_ok=True)
-    md = RESULTS_DIR / ("latest.md" if http_results else "partial.md")
-    md.write_text(markdown())
-    md.with_suffix(".json").write_text(json.dumps(as_json(), indent=2, default=str) + "\n")
-    return md
+    latest = RESULTS_DIR / "latest.md"
+    try:
+        previous = json.loads(latest.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if http_results:
+        carried = None if durability else previous.get("durability")
+        _write(latest, markdown(carried), as_json(carried))
+        return [latest]
+    partial = RESULTS_DIR / "partial.md"
+    _write(partial, markdown(), as_json())
+    if durability is None:
+        return [partial]
+    try:
+        text = latest.read_text()
+    except OSError:
+        text = "# productd bench: latest run\n"
+    text = _drop_section(text, DURABILITY_HEADING) + "\n" + durability_markdown(durability)
+    previous.setdefault("meta", meta)
+    previous["durability"] = durability
+    _write(latest, text, previous)
+    return [partial, latest]

@@ -3,7 +3,7 @@
 - one-way events/s: `ShardClient.submit` of single events and of 1,000-event batches; each round
   ends with one read, which travels behind the events in the FIFO inbox, so the time covers the
   shard applying them, not only the writes. Run with durability "none" and "batch" (SQLite file
-  in a temporary directory) when the shard supports it;
+  in a temporary directory);
 - read round trips/s and their latency: `ShardClient.read` (GET frame in the inbox, reply datagram);
 - the shard's own decode + apply loop (`Shard.handle`) in process, without the pipe.
 """
@@ -20,14 +20,11 @@ import pytest
 
 from bench import report
 from bench.timing import pedantic_median
-
-pytest.importorskip("productd.actors.client")
-
-from productd.actors import protocol, status  # noqa: E402
-from productd.actors.client import ShardClient  # noqa: E402
-from productd.actors.inbox import Inbox, write_frame  # noqa: E402
-from productd.actors.shard import Shard  # noqa: E402
-from productd.actors.status import StatusBoard  # noqa: E402
+from productd.actors import protocol, status
+from productd.actors.client import ShardClient
+from productd.actors.inbox import Inbox, write_frame
+from productd.actors.shard import Shard
+from productd.actors.status import StatusBoard
 
 SECTION = "actors (ShardClient -> inbox pipe -> 1 shard process)"
 N_PRODUCTS = 10_000
@@ -51,10 +48,6 @@ def client(request, tmp_path_factory):
     kwargs = {}
     if request.param != "none":
         kwargs = {"durability": request.param, "path": str(tmp_path_factory.mktemp("shard") / "shard-0.sqlite")}
-        try:
-            Shard(0, -1, StatusBoard(1), **kwargs)
-        except TypeError as exc:
-            pytest.skip(f"Shard does not take durability options: {exc}")
     inbox = Inbox(1 << 20)
     board = StatusBoard(1)
     ctx = multiprocessing.get_context("fork")

@@ -23,7 +23,7 @@ class Fleet:
 
     def get(self, name: str) -> live.Server:
         if name in self.failed:
-            pytest.skip(self.failed[name])
+            pytest.fail(self.failed[name])
         if name not in self.servers:
             try:
                 if name == "productd":
@@ -41,7 +41,7 @@ class Fleet:
                     raise
             except Exception as exc:  # noqa: BLE001 - one missing server must not hide the others
                 self.failed[name] = f"{name} did not start: {exc}"
-                pytest.skip(self.failed[name])
+                pytest.fail(self.failed[name])
             self.servers[name] = server
         return self.servers[name]
 

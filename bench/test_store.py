@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from bench import report
 from bench.timing import pedantic_median
-
-store_memory = pytest.importorskip("productd.store.memory")
+from productd.store import memory as store_memory
 
 N_EVENTS = 20_000
 N_PRODUCTS = 10_000

@@ -11,8 +11,10 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from productd.actors import protocol, status
@@ -115,22 +117,14 @@ class ShardClient:
 
     def _await_commits(self, waiting: dict[int, list[int]], result: Submission) -> None:
         """Sync durability: an event counts as accepted only once its shard has committed it."""
-        sock = self._reply_socket()[0]
-        deadline = time.monotonic() + self.read_timeout
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            sock.settimeout(remaining)
-            try:
-                request_id, error = protocol.unpack_reply(sock.recv(65536))
-            except TimeoutError:
-                break
+        for request_id, error in self._replies(time.monotonic() + self.read_timeout):
             indexes = waiting.pop(request_id, None)
             if indexes is not None and error is not None:
                 result.accepted -= len(indexes)
                 result.not_accepted.extend(indexes)
                 result.commit_errors.append(error)
+            if not waiting:
+                break
         for indexes in waiting.values():  # no answer in time: the client must assume not committed
             result.accepted -= len(indexes)
             result.not_accepted.extend(indexes)
@@ -141,23 +135,30 @@ class ShardClient:
         shard = shard_for(product_id, self.shards)
         if not self.available(shard):
             raise ShardUnavailable(shard)
-        sock, address = self._reply_socket()
+        address = self._reply_socket()[1]
         request_id = next(self._ids)
         deadline = time.monotonic() + self.read_timeout
         if not write_frame(self.inbox_fds[shard], protocol.get_frame(address, request_id, product_id), deadline):
             raise ShardTimeout(shard)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ShardTimeout(shard)
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                raise ShardTimeout(shard) from None
-            got_id, payload = protocol.unpack_reply(data)
+        for got_id, payload in self._replies(deadline):
             if got_id == request_id:  # anything else is a late answer to a read that timed out
                 return None if payload is None else unpack(payload)
+        raise ShardTimeout(shard)
+
+    def _replies(self, deadline: float) -> Iterator[tuple[int, object]]:
+        """Replies to this thread until `deadline`.
+
+        The socket carries SO_RCVTIMEO = read timeout, so each wait is one recv() system call
+        rather than poll() and recv(); only a late reply to an earlier read makes the wait go on,
+        by at most one more read timeout.
+        """
+        sock = self._reply_socket()[0]
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                return
+            yield protocol.unpack_reply(data)
 
     def inbox_bytes(self, shard: int) -> int:
         return queued_bytes(self.inbox_fds[shard])
@@ -167,5 +168,8 @@ class ShardClient:
         if getattr(local, "pid", None) != os.getpid():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind("")  # Linux autobind: a unique abstract address
+            seconds = int(self.read_timeout)
+            micros = int((self.read_timeout - seconds) * 1e6)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
             local.sock, local.address, local.pid = sock, sock.getsockname(), os.getpid()
         return local.sock, local.address
