@@ -44,7 +44,7 @@ class GunicornServer(Application):
         if s.gunicorn_config:
             self.load_config_from_file(s.gunicorn_config)
         cfg = self.cfg
-        cfg.set("bind", [f"fd://{self.frontend.listener_fd}"])
+        cfg.set("bind", [f"fd://{fd}" for fd in self.frontend.listener_fds])
         cfg.set("workers", s.workers)
         # gunicorn turns a sync worker with threads into gthread; sync means one thread here.
         cfg.set("threads", 1 if s.worker_class == "sync" else s.threads)
@@ -68,6 +68,10 @@ class GunicornServer(Application):
 
         def post_fork(server, worker) -> None:  # in the new worker
             stats.use(worker.productd_slot)
+            # One SO_REUSEPORT socket per worker (see supervisor.listen): the kernel then deals
+            # connections out evenly. A replacement worker takes the freed slot and its socket, on
+            # which connections that came meanwhile are waiting.
+            worker.sockets = [worker.sockets[worker.productd_slot % len(worker.sockets)]]
             user_post_fork(server, worker)
 
         cfg.set("pre_fork", pre_fork)
