@@ -136,9 +136,13 @@ def _alive(pid: int) -> bool:
 class Server:
     """One server process tree on a free loopback port."""
 
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, ready_statuses: Iterable[int]):
+    def __init__(
+        self, name: str, argv: list[str], port: int, ready_path: str, ready_statuses: Iterable[int],
+        env: dict[str, str] | None = None,
+    ):
         self.name = name
         self.argv = argv
+        self.extra_env = dict(env or {})
         self.port = port
         self.ready_path = ready_path
         self.ready_statuses = set(ready_statuses)
@@ -152,7 +156,7 @@ class Server:
         return f"http://{HOST}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> Server:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             self.argv,
@@ -293,10 +297,11 @@ def baseline_server(name: str, port: int | None = None, settings: dict | None = 
     if name == "naive":
         s["workers"] = 1
     port = port or free_port()
+    # The listening sockets come from the config: one SO_REUSEPORT socket per worker, like productd.
+    env = {"BENCH_BIND": f"{HOST}:{port}", "BENCH_BASELINE_WORKERS": str(s["workers"])}
     argv = [
         sys.executable, "-m", "gunicorn",
-        "--bind", f"{HOST}:{port}",
-        "--workers", str(s["workers"]),
+        "--config", "python:bench.baselines.reuseport_conf",
         "--threads", str(s["threads"]),
         "--worker-class", s["worker_class"],
         "--log-level", "warning",
@@ -304,7 +309,7 @@ def baseline_server(name: str, port: int | None = None, settings: dict | None = 
         f"bench.baselines.{name}:app",
     ]  # fmt: skip
     # Any HTTP answer means the worker is up (naive answers 404 for an unknown product).
-    return Server(name, argv, port, "/products/ready-probe", {200, 404})
+    return Server(name, argv, port, "/products/ready-probe", {200, 404}, env=env)
 
 
 def productd_available() -> str | None:

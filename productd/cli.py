@@ -43,7 +43,7 @@ OPTIONS = (
     ("bind", str, "HOST:PORT to listen on"),
     ("shards", _positive_int(1, 64),
      "shard processes that own the products (1..64; default: the count recorded in the data dir, else 4)"),
-    ("workers", _positive_int(1, 256), "gunicorn worker processes (default: the number of CPUs)"),
+    ("workers", _positive_int(1, 256), "gunicorn worker processes (default: 2 per CPU)"),
     ("threads", _positive_int(1, 256), "threads per gunicorn worker (gthread)"),
     ("worker-class", str, "gunicorn worker class: sync or gthread"),
     ("enqueue-timeout", _seconds, "seconds a write waits for room in a full inbox before it gets 503"),

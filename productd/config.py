@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 class Settings:
     bind: str = "127.0.0.1:8080"
     shards: int | None = None  # None: the count recorded in the data dir, else DEFAULT_SHARDS
-    workers: int = os.cpu_count() or 1
-    # gthread keeps client connections alive; sync workers close each one. Measured on 2 cores
-    # (README, "Choosing the defaults"): 4 threads roughly doubled GET and POST requests/s.
-    threads: int = 4
+    # Chosen by measurement on 2 cores (README, "Choosing the defaults"): two gthread workers per
+    # CPU with two threads each gave the best GET throughput and tail latency; a worker's threads
+    # share one GIL, and a thread waiting for its shard's reply gives it up and takes it back.
+    workers: int = 2 * (os.cpu_count() or 1)
+    threads: int = 2
     worker_class: str = "gthread"
     enqueue_timeout: float = 0.5
     read_timeout: float = 2.0

@@ -16,7 +16,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +24,11 @@ from dataclasses import dataclass
 from productd import logs
 from productd.actors import protocol, status
 from productd.actors.inbox import Inbox, write_frame
+from productd.actors.listeners import ListenError, listen
 from productd.actors.routing import shard_for
 from productd.actors.shard import Shard
 from productd.actors.status import StatusBoard
+from productd.actors.systemd import notify_systemd
 from productd.config import DEFAULT_SHARDS
 from productd.store.datadir import DataDir, DataDirError
 from productd.store.sqlite import ShardFile, StoreFileError
@@ -53,51 +54,6 @@ class StartupError(Exception):
     """The service cannot start; the message says why and what to do."""
 
 
-def parse_bind(bind: str) -> tuple[int, tuple]:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise StartupError(f"--bind {bind!r}: expected HOST:PORT, for example 127.0.0.1:8080 or [::1]:8080")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, (host[1:-1], int(port))
-    return socket.AF_INET, (host, int(port))
-
-
-def listen(bind: str, count: int) -> list[socket.socket]:
-    """`count` listening sockets on one address, one per gunicorn worker.
-
-    With SO_REUSEPORT the kernel spreads new connections evenly over the sockets. Workers that
-    share one socket race for each connection instead, and under keep-alive one worker can end up
-    holding all of them while the other idles (measured: half the throughput).
-    """
-    family, address = parse_bind(bind)
-    # A plain bind first: it fails if anything holds the port, including another productd's
-    # SO_REUSEPORT group, which a reuse-port bind would silently join and share traffic with.
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-        if address[1] == 0:
-            address = probe.getsockname()[:2]
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {bind}: {exc.strerror}") from exc
-    finally:
-        probe.close()
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.listen(2048)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise StartupError(f"cannot listen on {bind}: {exc.strerror}") from exc
-    return sockets
-
-
 def _die_with_parent(sig: int) -> None:
     """Ask Linux to send `sig` to this process when the supervisor dies (PR_SET_PDEATHSIG)."""
     try:
@@ -105,19 +61,6 @@ def _die_with_parent(sig: int) -> None:
         libc.prctl(1, sig, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: orphans are reaped by hand
         pass
-
-
-def notify_systemd(message: str, address: str | None) -> None:
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 class Supervisor:
@@ -166,7 +109,10 @@ class Supervisor:
     def run(self) -> int:
         s = self.settings
         s.shards = self._open_data()
-        self.listeners = listen(s.bind, s.workers)
+        try:
+            self.listeners = listen(s.bind, s.workers)
+        except ListenError as exc:
+            raise StartupError(str(exc)) from None
         self.inboxes = [Inbox(s.inbox_bytes) for _ in range(s.shards)]
         self.board = StatusBoard(s.shards)
         self.board.supervisor_pid = os.getpid()
