@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from productd.store.record import UNSET, pack_fields, unpack_fields
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 1.0  # seconds
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
     id TEXT PRIMARY KEY,
@@ -35,7 +36,10 @@ class ShardFile:
         self.path = path
         self.db = None
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # A writer that holds the file (an operator's open transaction in the sqlite3 shell)
+            # makes a commit wait at most BUSY_TIMEOUT, then fail and be retried: the shard's
+            # loop must not stall behind it.
+            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             # Check the version before anything that writes: a newer productd's file stays untouched.
             version = _check_version(self.db, path)
             self.db.execute("PRAGMA journal_mode=WAL")
