@@ -27,6 +27,18 @@ POLL = 0.05
 TIMEOUT = (5, 30)
 
 PROBLEM_TYPE = "application/problem+json"
+# Series /metrics has for every shard.
+SHARD_SERIES = (
+    "productd_events_received_total",
+    "productd_events_applied_total",
+    "productd_events_stale_total",
+    "productd_products",
+    "productd_inbox_bytes",
+    "productd_shard_restarts_total",
+    "productd_shard_state_lost_total",
+    "productd_shard_up",
+    "productd_events_rejected_total",
+)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
-from service import TIMEOUT, assert_problem, children, parse_metrics, pointers, raw_request, uid
+from service import SHARD_SERIES, TIMEOUT, assert_problem, children, parse_metrics, pointers, raw_request, uid
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 PRODUCT_KEYS = {"product_id", "price", "stock", "version", "updated_at"}
@@ -219,16 +219,7 @@ def test_metrics_series(service):
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("text/plain")
     m = parse_metrics(r.text)
-    for name in (
-        "productd_events_received_total",
-        "productd_events_applied_total",
-        "productd_events_stale_total",
-        "productd_products",
-        "productd_inbox_bytes",
-        "productd_shard_restarts_total",
-        "productd_shard_state_lost_total",
-        "productd_shard_up",
-    ):
+    for name in SHARD_SERIES:
         for shard in "0123":
             assert (name, shard) in m, f"{name}{{shard={shard!r}}} missing from /metrics"
     for shard in "0123":

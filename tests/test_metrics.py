@@ -11,19 +11,8 @@ import time
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from service import TIMEOUT, uid
+from service import SHARD_SERIES, TIMEOUT, uid
 
-SHARD_SERIES = (
-    "productd_events_received_total",
-    "productd_events_applied_total",
-    "productd_events_stale_total",
-    "productd_products",
-    "productd_inbox_bytes",
-    "productd_shard_restarts_total",
-    "productd_shard_state_lost_total",
-    "productd_shard_up",
-    "productd_events_rejected_total",
-)
 DEADLINE = 30.0  # seconds; only so that a hang fails
 
 
