@@ -8,6 +8,7 @@ same settings in --gunicorn-config; that file is for everything else gunicorn of
 from __future__ import annotations
 
 import os
+import signal
 
 from gunicorn import glogging
 from gunicorn.app.base import Application
@@ -74,8 +75,19 @@ class GunicornServer(Application):
             worker.sockets = [worker.sockets[worker.productd_slot % len(worker.sockets)]]
             user_post_fork(server, worker)
 
+        user_post_worker_init = cfg.post_worker_init
+
+        def post_worker_init(worker) -> None:  # in the worker, after gunicorn set its signal handlers
+            # The arbiter stops workers with SIGTERM or SIGQUIT, never SIGINT. A SIGINT sent to every
+            # process (pkill -INT productd) would otherwise reach a gthread worker twice, directly
+            # and as the arbiter's SIGQUIT, and the nested quit handler waits out the whole
+            # graceful timeout.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            user_post_worker_init(worker)
+
         cfg.set("pre_fork", pre_fork)
         cfg.set("post_fork", post_fork)
+        cfg.set("post_worker_init", post_worker_init)
 
     def load(self):
         f, s = self.frontend, self.settings
