@@ -113,7 +113,10 @@ class Supervisor:
             self.listeners = listen(s.bind, s.workers)
         except ListenError as exc:
             raise StartupError(str(exc)) from None
-        self.inboxes = [Inbox(s.inbox_bytes) for _ in range(s.shards)]
+        try:
+            self.inboxes = [Inbox(s.inbox_bytes) for _ in range(s.shards)]
+        except OSError as exc:
+            raise StartupError(f"--inbox-bytes {s.inbox_bytes} x {s.shards} shards: {exc.strerror}") from None
         self.board = StatusBoard(s.shards)
         self.board.supervisor_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
