@@ -11,7 +11,7 @@ class ListenError(Exception):
 
 def parse_bind(bind: str) -> tuple[int, tuple]:
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
         raise ListenError(f"--bind {bind!r}: expected HOST:PORT, for example 127.0.0.1:8080 or [::1]:8080")
     if host.startswith("[") and host.endswith("]"):
         return socket.AF_INET6, (host[1:-1], int(port))
