@@ -38,6 +38,8 @@ SHARD_SERIES = (
     "productd_shard_state_lost_total",
     "productd_shard_up",
     "productd_events_rejected_total",
+    "productd_replies_dropped_total",
+    "productd_shard_heartbeat_age_seconds",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -384,3 +384,34 @@ def test_signal_to_every_process_still_stops_in_order(start_service, sig):
     assert svc.stop(sig, timeout=30) == 0, svc.log_tail()
     svc.assert_no_leftovers()
     assert len(DRAINED.findall(svc.log_text())) == 2, svc.log_tail()
+
+
+def test_a_reply_to_a_dead_worker_is_dropped_and_the_shard_goes_on(start_service):
+    """DESIGN: shards answer without blocking; a reply to a worker that has gone is dropped."""
+    svc = start_service(shards=1, workers=1, extra_args=["--read-timeout", "60"])
+    pid = uid("orphan")
+    assert svc.post({"product_id": pid, "stock": 1}).status_code == 202
+    (shard,) = svc.shard_pids()
+    (worker,) = svc.worker_pids()
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        reader = threading.Thread(target=lambda: _swallow(lambda: requests.get(
+            f"{svc.url}/products/{pid}", timeout=(5, 30))), daemon=True)
+        reader.start()
+        # The read's frame waits in the stopped shard's inbox while the worker thread waits for it.
+        svc.wait_for(lambda: svc.readyz().json()["shards"][0]["inbox_bytes"] > 0, "the read to be queued")
+        os.kill(worker, signal.SIGKILL)
+        svc.wait_for(lambda: svc.worker_pids() and svc.worker_pids() != [worker], "a new worker")
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    svc.wait_for(lambda: svc.metric_sum("productd_replies_dropped_total") == 1, "the orphan reply to be dropped")
+    assert svc.product(pid)["stock"] == 1  # the shard answers the next reader
+    assert svc.shard_pids() == [shard]
+    reader.join(30)
+
+
+def _swallow(call) -> None:
+    try:
+        call()
+    except requests.RequestException:
+        pass  # the worker serving it was killed: the connection drops, as it should

@@ -53,7 +53,6 @@ class Shard:
         self.store = ShardStore()
         self.replies = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.reader = protocol.FrameReader()
-        self.dropped_replies = 0
         self.durability = durability
         self.commit_interval = commit_interval
         self.file = ShardFile(path, sync=durability == "sync") if durability != "none" and path else None
@@ -198,4 +197,4 @@ class Shard:
             # ECONNREFUSED/ENOENT: the asking thread is gone; EAGAIN: it stopped reading.
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
                 raise
-            self.dropped_replies += 1
+            self.board.add(self.id, status.DROPPED_REPLIES, 1)

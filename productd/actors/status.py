@@ -35,6 +35,7 @@ READS = 9
 SKIPPED_BYTES = 10  # inbox bytes dropped to find a frame boundary after a crash
 WRITES_REFUSED = 11  # 1 while the shard cannot commit: the front end refuses writes for it
 COMMITS = 12
+DROPPED_REPLIES = 13  # replies whose worker thread was gone (or not reading): dropped, never waited on
 # Time from a front end accepting an event to its shard applying it: a histogram with the
 # bucket bounds below (seconds), then the sum in microseconds and the count.
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -45,7 +46,6 @@ ROW_FIELDS = 40
 
 # Global fields, after the shard rows.
 G_STOPPING = 0
-G_SUPERVISOR_PID = 1
 GLOBAL_FIELDS = 8
 
 
@@ -94,14 +94,6 @@ class StatusBoard:
     @stopping.setter
     def stopping(self, value: bool) -> None:
         self._q[self._g + G_STOPPING] = int(value)
-
-    @property
-    def supervisor_pid(self) -> int:
-        return self._q[self._g + G_SUPERVISOR_PID]
-
-    @supervisor_pid.setter
-    def supervisor_pid(self, value: int) -> None:
-        self._q[self._g + G_SUPERVISOR_PID] = value
 
 
 def answering(board: StatusBoard, shard: int) -> bool:

@@ -118,7 +118,6 @@ class Supervisor:
         except OSError as exc:
             raise StartupError(f"--inbox-bytes {s.inbox_bytes} x {s.shards} shards: {exc.strerror}") from None
         self.board = StatusBoard(s.shards)
-        self.board.supervisor_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)

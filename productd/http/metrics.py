@@ -26,6 +26,9 @@ SHARD_SERIES = (
     ("productd_shard_state_lost_total", "counter",
      "Restarts after which the shard's products were gone (memory-only mode).", status.STATE_LOST),
     ("productd_commits_total", "counter", "Transactions the shard committed to its file.", status.COMMITS),
+    ("productd_replies_dropped_total", "counter",
+     "Replies the shard could not deliver: the asking worker thread was gone, or its socket was full.",
+     status.DROPPED_REPLIES),
     ("productd_inbox_skipped_bytes_total", "counter",
      "Inbox bytes dropped to find a frame boundary after a shard died mid-frame.", status.SKIPPED_BYTES),
 )
