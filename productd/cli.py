@@ -28,6 +28,16 @@ def _positive_int(low: int, high: int):
     return parse
 
 
+def _delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 to 60 seconds")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -58,6 +68,9 @@ OPTIONS = (
     ("data-dir", str, "directory of the shards' SQLite files (not used with --durability none)"),
     ("durability", str, "none: memory only; batch: commit every --commit-interval; sync: 202 after commit"),
     ("commit-interval", _seconds, "batch durability: longest time between commits"),
+    ("apply-delay", _delay,
+     "seconds a shard lets single events gather before applying them; a read or a stop wakes it "
+     "at once (0: apply each as it comes; not used with --durability sync)"),
     ("auth-token-file", str, "file holding the bearer token that POST /events requires (default: no auth)"),
 )
 FLAGS = (

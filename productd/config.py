@@ -28,6 +28,9 @@ class Settings:
     data_dir: str = "./data"
     durability: str = "batch"
     commit_interval: float = 0.05
+    # A shard that received only events sleeps this long before reading more, so one wake-up
+    # applies many; a reader rings its doorbell (README, "Apply delay"). Measured in issue 4.
+    apply_delay: float = 0.01
     reshard: bool = False
     access_log: bool = False
     auth_token_file: str | None = None

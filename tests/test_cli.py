@@ -22,6 +22,7 @@ def test_defaults_are_the_documented_ones():
     assert s.workers == 2 * (os.cpu_count() or 1)
     assert (s.worker_class, s.threads) == ("gthread", 2)
     assert (s.durability, s.data_dir, s.commit_interval) == ("batch", "./data", 0.05)
+    assert s.apply_delay == 0.01
     assert (s.enqueue_timeout, s.read_timeout) == (0.5, 2.0)
     assert (s.max_body_bytes, s.max_events, s.inbox_bytes) == (4 * 1024 * 1024, 10_000, 1024 * 1024)
     assert not (s.reshard or s.access_log or s.auth_reads)
@@ -49,6 +50,9 @@ def test_environment_sets_options_and_the_command_line_wins():
         (["serve", "--read-timeout", "0"], {}, "more than 0"),
         (["serve", "--enqueue-timeout", "nan"], {}, "more than 0"),
         (["serve", "--inbox-bytes", "100"], {}, "outside 4096"),
+        (["serve", "--apply-delay", "-0.1"], {}, "0 to 60 seconds"),
+        (["serve"], {"PRODUCTD_APPLY_DELAY": "61"}, "0 to 60 seconds"),
+        (["serve", "--apply-delay", "nan"], {}, "0 to 60 seconds"),
     ],
 )
 def test_bad_values_are_refused_with_the_reason(capsys, argv, env, message):

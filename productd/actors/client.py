@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from productd.actors import protocol, status
-from productd.actors.inbox import queued_bytes, write_frame
+from productd.actors.inbox import queued_bytes, ring, write_frame
 from productd.actors.routing import shard_for
 from productd.actors.status import StatusBoard
 from productd.store.record import Product, unpack
@@ -52,8 +52,10 @@ class ShardClient:
         enqueue_timeout: float,
         read_timeout: float,
         wait_for_commit: bool = False,
+        bell_fds: list[int] | None = None,
     ) -> None:
         self.inbox_fds = inbox_fds
+        self.bell_fds = bell_fds
         self.shards = len(inbox_fds)
         self.board = board
         self.enqueue_timeout = enqueue_timeout
@@ -140,6 +142,8 @@ class ShardClient:
         deadline = time.monotonic() + self.read_timeout
         if not write_frame(self.inbox_fds[shard], protocol.get_frame(address, request_id, product_id), deadline):
             raise ShardTimeout(shard)
+        if self.bell_fds and self.board.get(shard, status.DOZING):
+            ring(self.bell_fds[shard])
         for got_id, payload in self._replies(deadline):
             if got_id == request_id:  # anything else is a late answer to a read that timed out
                 return None if payload is None else unpack(payload)

@@ -15,6 +15,7 @@ import socket
 import time
 
 from productd.actors import protocol, status
+from productd.actors.inbox import silence
 from productd.actors.status import StatusBoard
 from productd.store.memory import ShardStore
 from productd.store.sqlite import ShardFile
@@ -35,6 +36,13 @@ class Shard:
     durability "none" keeps products in memory only; "batch" commits what changed at least every
     `commit_interval` seconds; "sync" commits everything read from the inbox before it
     acknowledges the frames that asked for it (a group commit: one transaction per batch read).
+
+    Dozing: when what it read held only events (nobody waits for an answer), the shard sets
+    DOZING on the board and sleeps on its doorbell for `apply_delay` seconds instead of on its
+    inbox, so the writes that come meanwhile cost the front end no wake-up and the shard one
+    read for all of them. A reader rings the bell after queuing its frame, so every read is
+    still answered at once and behind every event queued before it. Waking a shard per single
+    event cost more CPU than applying it (README, "Apply delay").
     """
 
     def __init__(
@@ -46,9 +54,13 @@ class Shard:
         path: str | None = None,
         durability: str = "none",
         commit_interval: float = 0.05,
+        bell_fd: int = -1,
+        apply_delay: float = 0.0,
     ) -> None:
         self.id = shard_id
         self.inbox_fd = inbox_fd
+        self.bell_fd = bell_fd
+        self.apply_delay = apply_delay
         self.board = board
         self.store = ShardStore()
         self.replies = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -60,6 +72,7 @@ class Shard:
         self.pending_acks: list[tuple[bytes, int]] = []
         self.next_commit = 0.0
         self.commit_failing = False
+        self.reads_answered = 0  # reads in the last batch handled
 
     def load(self) -> None:
         if self.file is None:
@@ -81,33 +94,70 @@ class Shard:
         board.beat(sid)
         self.load()
         board.set(sid, status.PRODUCTS, len(self.store))
+        board.set(sid, status.DOZING, 0)  # a predecessor may have died dozing
         board.beat(sid)
         board.set(sid, status.STATE, status.READY)
         log.info("shard %d ready with %d products", sid, len(self.store))
-        poller = select.poll()
-        poller.register(self.inbox_fd, select.POLLIN)
+        fd, bell = self.inbox_fd, self.bell_fd
+        os.set_blocking(fd, False)
+        awake, dozing_poll = select.poll(), select.poll()
+        awake.register(fd, select.POLLIN)
+        if bell >= 0:
+            awake.register(bell, select.POLLIN)
+            dozing_poll.register(bell, select.POLLIN)
+        delay = self.apply_delay if bell >= 0 else 0.0
+        dozing = recheck = False
+        doze_until = 0.0
         stale_reported, next_stale_report = board.get(sid, status.STALE), time.monotonic() + STALE_REPORT_EVERY
         while True:
             board.beat(sid)
-            if time.monotonic() >= next_stale_report:
+            now = time.monotonic()
+            if now >= next_stale_report:
                 stale = board.get(sid, status.STALE)
                 if stale > stale_reported:
                     log.info("shard %d ignored %d stale events (version not newer than stored) in the last %.0fs",
                              sid, stale - stale_reported, STALE_REPORT_EVERY,
                              extra={"fields": {"shard": sid, "stale": stale - stale_reported, "stale_total": stale}})
-                stale_reported, next_stale_report = stale, time.monotonic() + STALE_REPORT_EVERY
-            timeout = IDLE_TICK
-            if self.dirty:
-                timeout = max(0.0, min(timeout, self.next_commit - time.monotonic()))
-            if poller.poll(int(timeout * 1000) + 1):
-                data = os.read(self.inbox_fd, READ_CHUNK)
-                stop = self.handle(self.reader.feed(data))
+                stale_reported, next_stale_report = stale, now + STALE_REPORT_EVERY
+            checking, recheck = recheck, False
+            if not checking:
+                wake_at = now + IDLE_TICK
+                if self.dirty:
+                    wake_at = min(wake_at, self.next_commit)
+                if dozing:
+                    wake_at = min(wake_at, doze_until)
+                # +1: poll counts whole milliseconds, and waking a little early would spin
+                ready = (dozing_poll if dozing else awake).poll(max(0, int((wake_at - now) * 1000) + 1))
+                rang = False
+                for ready_fd, _ in ready:
+                    if ready_fd == bell:
+                        rang = silence(bell)
+                if dozing and not rang and time.monotonic() < doze_until:
+                    self.commit_if_due()  # a heartbeat or a commit while the events gather
+                    continue
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                data = b""
+            if data:
+                if self.handle(self.reader.feed(data)):
+                    return self.finish()
+                # Only events came: let the next ones gather, unless a reader or a sync writer waits.
+                doze = delay > 0 and not self.reads_answered and not self.pending_acks
+                recheck = len(data) == READ_CHUNK  # more may be queued already
+                doze_until = time.monotonic() + delay
             else:
-                stop = False
-            if stop:
-                return self.finish()
-            if self.pending_acks or (self.dirty and time.monotonic() >= self.next_commit):
-                self.commit()
+                doze = dozing and checking  # a doze that brought nothing means the writes stopped
+            if doze != dozing:
+                dozing = doze
+                board.set(sid, status.DOZING, int(dozing))
+                # A reader who queued a frame before the flag went up did not ring: look once more.
+                recheck = recheck or dozing
+            self.commit_if_due()
+
+    def commit_if_due(self) -> None:
+        if self.pending_acks or (self.dirty and time.monotonic() >= self.next_commit):
+            self.commit()
 
     def finish(self) -> int:
         for _ in range(STOP_COMMIT_TRIES):
@@ -182,6 +232,7 @@ class Shard:
         board.add(sid, status.APPLIED, applied)
         board.add(sid, status.STALE, received - applied)
         board.add(sid, status.READS, reads)
+        self.reads_answered = reads
         board.set(sid, status.PRODUCTS, len(store))
         if self.reader.skipped:
             board.add(sid, status.SKIPPED_BYTES, self.reader.skipped)

@@ -36,6 +36,7 @@ SKIPPED_BYTES = 10  # inbox bytes dropped to find a frame boundary after a crash
 WRITES_REFUSED = 11  # 1 while the shard cannot commit: the front end refuses writes for it
 COMMITS = 12
 DROPPED_REPLIES = 13  # replies whose worker thread was gone (or not reading): dropped, never waited on
+DOZING = 14  # 1 while the shard lets events gather and sleeps on its doorbell: a reader must ring it
 # Time from a front end accepting an event to its shard applying it: a histogram with the
 # bucket bounds below (seconds), then the sum in microseconds and the count.
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from productd import logs
 from productd.actors import protocol, status
-from productd.actors.inbox import Inbox, write_frame
+from productd.actors.inbox import Inbox, ring, write_frame
 from productd.actors.listeners import ListenError, listen
 from productd.actors.routing import shard_for
 from productd.actors.shard import Shard
@@ -47,6 +47,7 @@ class Frontend:
 
     listener_fds: list[int]  # one per gunicorn worker, all bound to --bind with SO_REUSEPORT
     inbox_fds: list[int]
+    bell_fds: list[int]
     board: StatusBoard
 
 
@@ -185,17 +186,21 @@ class Supervisor:
             pass
         for index, inbox in enumerate(self.inboxes):
             if index != shard:
-                os.close(inbox.read_fd)
+                for fd in inbox.read_fds():
+                    os.close(fd)
         s = self.settings
+        inbox = self.inboxes[shard]
         return Shard(
-            shard, self.inboxes[shard].read_fd, self.board,
+            shard, inbox.read_fd, self.board,
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
+            bell_fd=inbox.bell_read_fd, apply_delay=0.0 if s.durability == "sync" else s.apply_delay,
         ).run()
 
     def _start_frontend(self) -> None:
         frontend = Frontend(
             listener_fds=[listener.fileno() for listener in self.listeners],
             inbox_fds=[inbox.write_fd for inbox in self.inboxes],
+            bell_fds=[inbox.bell_write_fd for inbox in self.inboxes],
             board=self.board,
         )
 
@@ -203,7 +208,8 @@ class Supervisor:
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor, which stops gunicorn gracefully
             _die_with_parent(signal.SIGTERM)
             for inbox in self.inboxes:
-                os.close(inbox.read_fd)
+                for fd in inbox.read_fds():
+                    os.close(fd)
             return self.serve_frontend(frontend)
 
         self.arbiter_pid = self._fork("arbiter", arbiter_main)
@@ -341,7 +347,10 @@ class Supervisor:
 
     def _send_stop(self, shard: int) -> None:
         # The shard is draining, so room comes; the deadline only guards against a wedged shard.
-        if not write_frame(self.inboxes[shard].write_fd, protocol.stop_frame(), time.monotonic() + 300):
+        inbox = self.inboxes[shard]
+        if write_frame(inbox.write_fd, protocol.stop_frame(), time.monotonic() + 300):
+            ring(inbox.bell_write_fd)
+        else:
             log.error("shard %d did not take its stop message in 300s", shard)
 
     def _kill_group(self, pgid: int) -> None:

@@ -176,6 +176,7 @@ class Ready:
                     "alive": alive,
                     "ready": answering,
                     "inbox_bytes": self.client.inbox_bytes(shard),
+                    "dozing": bool(board.get(shard, status.DOZING)),
                     "restarts": board.get(shard, status.RESTARTS),
                     "state_lost": board.get(shard, status.STATE_LOST),
                     "products": board.get(shard, status.PRODUCTS),

@@ -92,7 +92,8 @@ class GunicornServer(Application):
     def load(self):
         f, s = self.frontend, self.settings
         client = ShardClient(
-            f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout, wait_for_commit=s.durability == "sync"
+            f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout,
+            wait_for_commit=s.durability == "sync", bell_fds=f.bell_fds,
         )
         return create_app(
             client, self.stats,
