@@ -294,7 +294,11 @@ def test_sample_frames_are_well_formed():
     assert any(len(f) > 2000 for f in frames)  # some frames are cut from a bulk request
     for f in frames:
         assert len(f) <= protocol.PIPE_BUF
-        assert [list(x) if isinstance(x, tuple) else x for x in protocol.unpack_body(body_of(f))]
+        unpacker = protocol.body_unpacker()
+        unpacker.feed(body_of(f))
+        head, *events = list(unpacker)
+        assert head[0] in (protocol.EVENTS, protocol.GET, protocol.STOP)
+        assert len(events) == (head[4] if head[0] == protocol.EVENTS else 0)
 
 
 def test_frames_split_across_two_reads_at_every_byte_offset():

@@ -70,8 +70,11 @@ def queued_bytes(fd: int) -> int:
     return buf[0]
 
 
-def write_frame(fd: int, data: bytes, deadline: float) -> bool:
-    """Write one frame whole, waiting for room until `deadline` (time.monotonic()). False if none came."""
+def write_frame(fd: int, data: bytes, deadline: float, bell: int = -1) -> bool:
+    """Write one frame whole, waiting for room until `deadline` (time.monotonic()). False if none came.
+
+    A full inbox rings `bell`: its shard may be dozing with the room the writer waits for.
+    """
     poller = None
     while True:
         try:
@@ -83,6 +86,8 @@ def write_frame(fd: int, data: bytes, deadline: float) -> bool:
         if remaining <= 0:
             return False
         if poller is None:
+            if bell >= 0:
+                ring(bell)
             poller = select.poll()
             poller.register(fd, select.POLLOUT)
         poller.poll(max(1, int(remaining * 1000)))

@@ -136,8 +136,6 @@ class FrameReader:
         return nxt
 
 
-def unpack_body(body: bytes) -> Iterator[object]:
-    """Yield the header array, then each event tuple of the body."""
-    unpacker = msgpack.Unpacker(raw=False, use_list=False)
-    unpacker.feed(body)
-    return iter(unpacker)
+def body_unpacker() -> msgpack.Unpacker:
+    """A reader of bodies: feed one, then take the header array, then each event tuple after it."""
+    return msgpack.Unpacker(raw=False, use_list=False)

@@ -65,6 +65,7 @@ class Shard:
         self.store = ShardStore()
         self.replies = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.reader = protocol.FrameReader()
+        self.unpacker = protocol.body_unpacker()
         self.durability = durability
         self.commit_interval = commit_interval
         self.file = ShardFile(path, sync=durability == "sync") if durability != "none" and path else None
@@ -205,9 +206,10 @@ class Shard:
         store, board, sid = self.store, self.board, self.id
         received = applied = reads = 0
         stop = False
+        items = self.unpacker
         for body in bodies:
-            items = protocol.unpack_body(body)
-            head = next(items)
+            items.feed(body)  # whole, CRC-checked bodies: the unpacker is empty after each
+            head = items.unpack()
             kind = head[0]
             if kind == protocol.EVENTS:
                 now = time.time_ns()

@@ -348,7 +348,7 @@ class Supervisor:
     def _send_stop(self, shard: int) -> None:
         # The shard is draining, so room comes; the deadline only guards against a wedged shard.
         inbox = self.inboxes[shard]
-        if write_frame(inbox.write_fd, protocol.stop_frame(), time.monotonic() + 300):
+        if write_frame(inbox.write_fd, protocol.stop_frame(), time.monotonic() + 300, inbox.bell_write_fd):
             ring(inbox.bell_write_fd)
         else:
             log.error("shard %d did not take its stop message in 300s", shard)

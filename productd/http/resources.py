@@ -12,15 +12,24 @@ from productd.actors.client import ShardClient, ShardTimeout, ShardUnavailable
 from productd.http import validation
 from productd.http.problems import Problem
 from productd.http.stats import HttpStats
+from productd.store.record import unpack
 
 JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 RETRY_AFTER_FULL = "1"
 
 
+_SECONDS: dict[int, str] = {}  # formatted whole seconds: products are often updated in the same second
+
+
 def rfc3339(ns: int) -> str:
     seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1000:06d}Z"
+    text = _SECONDS.get(seconds)
+    if text is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        text = _SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{rest // 1000:06d}Z"
 
 
 class Events:
@@ -126,7 +135,7 @@ class ProductResource:
                 f"a product id is {validation.PRODUCT_ID_RULE}", kind="invalid-product-id",
             )
         try:
-            product = self.client.read(product_id)
+            packed = self.client.read_packed(product_id)
         except ShardUnavailable as exc:
             raise Problem(
                 503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is restarting",
@@ -137,15 +146,16 @@ class ProductResource:
                 504, "Shard timeout",
                 f"shard {exc.args[0]} did not answer within {self.client.read_timeout}s (--read-timeout)",
             ) from None
-        if product is None:
+        if packed is None:
             raise Problem(404, "Unknown product", f"no event has been applied for product {product_id!r}")
+        price, stock, version, updated_at_ns = unpack(packed)
         resp.data = orjson.dumps(
             {
                 "product_id": product_id,
-                "price": product.price,
-                "stock": product.stock,
-                "version": product.version,
-                "updated_at": rfc3339(product.updated_at_ns),
+                "price": price,
+                "stock": stock,
+                "version": version,
+                "updated_at": rfc3339(updated_at_ns),
             }
         )
 
