@@ -32,6 +32,12 @@ def rfc3339(ns: int) -> str:
     return f"{text}.{rest // 1000:06d}Z"
 
 
+_EXACT_TYPES = {
+    "application/json": validation.events_from_json,
+    "application/x-ndjson": validation.events_from_ndjson,
+}
+
+
 class Events:
     def __init__(self, client: ShardClient, stats: HttpStats, max_body_bytes: int, max_events: int) -> None:
         self.client = client
@@ -53,6 +59,9 @@ class Events:
         resp.data = orjson.dumps({"accepted": result.accepted})
 
     def _parser(self, content_type: str | None):
+        exact = _EXACT_TYPES.get(content_type)  # the usual headers, without parsing them
+        if exact is not None:
+            return exact
         media, _, params = (content_type or "").partition(";")
         media = media.strip().lower()
         charset = ""
@@ -79,10 +88,9 @@ class Events:
         length = req.content_length
         if length is not None and length > limit:
             raise _too_large(length, limit)
-        # Without Content-Length (chunked), Falcon's bounded stream reads nothing; gunicorn's own
-        # input decodes the chunks and ends where the body ends.
-        stream = req.bounded_stream if length is not None else req.stream
-        body = stream.read(limit + 1)
+        # With Content-Length, gunicorn's input ends where the body ends, as it does for chunked
+        # bodies, which it decodes; one byte more than the limit tells a body that is too large.
+        body = req.stream.read(limit + 1 if length is None else length)
         if len(body) > limit:
             raise _too_large(None, limit)
         if not body:
