@@ -230,12 +230,14 @@ class Shard:
                 break
         if self.file is None:
             self.dirty.clear()
-        board.add(sid, status.RECEIVED, received)
-        board.add(sid, status.APPLIED, applied)
-        board.add(sid, status.STALE, received - applied)
-        board.add(sid, status.READS, reads)
+        if received:  # a batch of reads alone touches one counter: this runs once per wake-up
+            board.add(sid, status.RECEIVED, received)
+            board.add(sid, status.APPLIED, applied)
+            board.add(sid, status.STALE, received - applied)
+            board.set(sid, status.PRODUCTS, len(store))
+        if reads:
+            board.add(sid, status.READS, reads)
         self.reads_answered = reads
-        board.set(sid, status.PRODUCTS, len(store))
         if self.reader.skipped:
             board.add(sid, status.SKIPPED_BYTES, self.reader.skipped)
             log.warning("shard %d skipped %d bytes of a frame its predecessor had half read",
