@@ -106,29 +106,32 @@ class FrameReader:
         self.skipped = 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
+        if self._buf:  # the tail of a frame cut by the previous read comes first
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
         bodies = []
         pos = 0
-        end = len(buf)
+        end = len(data)
         while end - pos >= HEADER_SIZE:
-            magic, length, crc = _HEADER.unpack_from(buf, pos)
+            magic, length, crc = _HEADER.unpack_from(data, pos)
             if magic != MAGIC or length > MAX_BODY:
-                pos = self._resync(buf, pos)
+                pos = self._resync(data, pos)
                 continue
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break
-            body = bytes(buf[pos + HEADER_SIZE : stop])
+            body = data[pos + HEADER_SIZE : stop]
             if zlib.crc32(body) != crc:
-                pos = self._resync(buf, pos)
+                pos = self._resync(data, pos)
                 continue
             bodies.append(body)
             pos = stop
-        del buf[:pos]
+        if pos < end:
+            self._buf += data[pos:]
         return bodies
 
-    def _resync(self, buf: bytearray, pos: int) -> int:
+    def _resync(self, buf: bytes, pos: int) -> int:
         nxt = buf.find(_HEADER.pack(MAGIC, 0, 0)[:2], pos + 1)
         if nxt < 0:
             nxt = max(pos + 1, len(buf) - 1)

@@ -207,19 +207,20 @@ class Shard:
         received = applied = reads = 0
         stop = False
         items = self.unpacker
+        now = time.time_ns()  # one read of the inbox is applied at one moment
+        waits: list[tuple[int, int]] = []  # (accepted_at ns, events) per frame, for the apply histogram
+        dirty = self.dirty
         for body in bodies:
             items.feed(body)  # whole, CRC-checked bodies: the unpacker is empty after each
             head = items.unpack()
             kind = head[0]
             if kind == protocol.EVENTS:
-                now = time.time_ns()
-                dirty = self.dirty
                 for product_id, price, stock, version in items:
                     received += 1
                     if store.apply(product_id, price, stock, version, now):
                         applied += 1
                         dirty.add(product_id)
-                board.observe_apply(sid, max(0, now - head[3]) / 1e9, head[4])
+                waits.append((head[3], head[4]))
                 if head[1] is not None:
                     self.pending_acks.append((head[1], head[2]))
             elif kind == protocol.GET:
@@ -231,6 +232,7 @@ class Shard:
         if self.file is None:
             self.dirty.clear()
         if received:  # a batch of reads alone touches one counter: this runs once per wake-up
+            board.observe_applies(sid, now, waits)
             board.add(sid, status.RECEIVED, received)
             board.add(sid, status.APPLIED, applied)
             board.add(sid, status.STALE, received - applied)

@@ -70,13 +70,20 @@ class StatusBoard:
         """Only for the field's single writer."""
         self._q[shard * ROW_FIELDS + field] += delta
 
-    def observe_apply(self, shard: int, seconds: float, events: int) -> None:
-        """Count `events` applied `seconds` after they were accepted (the shard's own row only)."""
+    def observe_applies(self, shard: int, applied_ns: int, frames: list[tuple[int, int]]) -> None:
+        """Count the events of `frames` ((accepted_at ns, events) each) applied at `applied_ns`.
+
+        The shard's own row only.
+        """
         q, row = self._q, shard * ROW_FIELDS
-        bucket = bisect_left(APPLY_BUCKETS, seconds)
-        q[row + APPLY_HIST + bucket] += events
-        q[row + APPLY_SUM_US] += int(seconds * 1e6) * events
-        q[row + APPLY_COUNT] += events
+        total_us = count = 0
+        for accepted_ns, events in frames:
+            seconds = max(0, applied_ns - accepted_ns) / 1e9
+            q[row + APPLY_HIST + bisect_left(APPLY_BUCKETS, seconds)] += events
+            total_us += int(seconds * 1e6) * events
+            count += events
+        q[row + APPLY_SUM_US] += total_us
+        q[row + APPLY_COUNT] += count
 
     def state(self, shard: int) -> int:
         return self._q[shard * ROW_FIELDS + STATE]
