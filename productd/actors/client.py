@@ -74,9 +74,6 @@ class ShardClient:
     def shard_for(self, product_id: str) -> int:
         return shard_for(product_id, self.shards)
 
-    def available(self, shard: int) -> bool:
-        return self.board.state(shard) == status.READY
-
     def writable(self, shard: int) -> bool:
         return self.board.state(shard) == status.READY and not self.board.get(shard, status.WRITES_REFUSED)
 
