@@ -22,7 +22,6 @@ from productd.actors import protocol, status
 from productd.actors.inbox import queued_bytes, ring, write_frame
 from productd.actors.routing import shard_for
 from productd.actors.status import StatusBoard
-from productd.store.record import Product, unpack
 
 # Skipping the ring when the shard is not dozing relies on the write to the inbox and the load of
 # the flag not being reordered (and likewise the shard's store of the flag and its read of the
@@ -137,21 +136,14 @@ class ShardClient:
             result.not_accepted.extend(indexes)
             result.uncommitted = True
 
-    def read(self, product_id: str) -> Product | None:
-        """The product as its shard has it now, behind every event already in its inbox."""
-        packed = self.read_packed(product_id)
-        return None if packed is None else unpack(packed)
-
-    def read_packed(self, product_id: str) -> bytes | None:
-        """The product's packed record (see productd.store.record), or None if it has none.
-
-        The hot path of a GET: one write, maybe a ring, and one recv, kept free of anything else.
-        """
+    def read(self, product_id: str) -> bytes | None:
+        """The product's packed record (see productd.store.record) as its shard has it now,
+        behind every event already in its inbox; None if it has none."""
         shard = shard_for(product_id, self.shards)
         board = self.board
         if board.state(shard) != status.READY:
             raise ShardUnavailable(shard)
-        sock, address = self._reply_socket()
+        address = self._reply_socket()[1]
         request_id = next(self._ids)
         deadline = time.monotonic() + self.read_timeout
         bell = self.bell_fds[shard] if self.bell_fds else -1
@@ -159,15 +151,10 @@ class ShardClient:
             raise ShardTimeout(shard)
         if bell >= 0 and (ALWAYS_RING or board.get(shard, status.DOZING)):
             ring(bell)
-        while True:  # SO_RCVTIMEO bounds each wait; only a late reply to an earlier read makes it go on
-            try:
-                got_id, payload = protocol.unpack_reply(sock.recv(65536))
-            except BlockingIOError:
-                raise ShardTimeout(shard) from None
-            if got_id == request_id:
+        for got_id, payload in self._replies(deadline):
+            if got_id == request_id:  # anything else is a late answer to a read that timed out
                 return payload
-            if time.monotonic() >= deadline:
-                raise ShardTimeout(shard)
+        raise ShardTimeout(shard)
 
     def _replies(self, deadline: float) -> Iterator[tuple[int, object]]:
         """Replies to this thread until `deadline`.

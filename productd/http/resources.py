@@ -143,7 +143,7 @@ class ProductResource:
                 f"a product id is {validation.PRODUCT_ID_RULE}", kind="invalid-product-id",
             )
         try:
-            packed = self.client.read_packed(product_id)
+            packed = self.client.read(product_id)
         except ShardUnavailable as exc:
             raise Problem(
                 503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is restarting",
