@@ -28,24 +28,21 @@ def _positive_int(low: int, high: int):
     return parse
 
 
-def _delay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 to 60 seconds")
-    return value
+def _seconds_within(accept, rule: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not accept(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"{value} must be {rule}")
+        return value
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < 3600:
-        raise argparse.ArgumentTypeError(f"{value} must be more than 0 and less than 3600 seconds")
-    return value
+_seconds = _seconds_within(lambda v: 0 < v < 3600, "more than 0 and less than 3600 seconds")
+_delay = _seconds_within(lambda v: 0 <= v <= 60, "0 to 60 seconds")
 
 
 # (option, type, help): defaults come from Settings, overridable by the environment.

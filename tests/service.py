@@ -79,24 +79,24 @@ def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is `sid`."""
+def _live_pids(match) -> list[int]:
+    """Live (non-zombie) processes whose (ppid, session id) satisfy `match`."""
     found = []
     for pid in _all_pids():
         st = _read_stat(pid)
-        if st is not None and st[1] == sid and st[2] != "Z":
+        if st is not None and st[2] != "Z" and match(st[0], st[1]):
             found.append(pid)
     return sorted(found)
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is `sid`."""
+    return _live_pids(lambda _ppid, session: session == sid)
+
+
 def children(pid: int) -> list[int]:
     """Live (non-zombie) direct children of `pid`."""
-    found = []
-    for p in _all_pids():
-        st = _read_stat(p)
-        if st is not None and st[0] == pid and st[2] != "Z":
-            found.append(p)
-    return sorted(found)
+    return _live_pids(lambda ppid, _session: ppid == pid)
 
 
 def alive(pid: int) -> bool:
