@@ -10,12 +10,8 @@ from dataclasses import dataclass, field
 class Settings:
     bind: str = "127.0.0.1:8080"
     shards: int | None = None  # None: the count recorded in the data dir, else DEFAULT_SHARDS
-    # Chosen by measurement on 2 cores (README, "Choosing the defaults"): two gthread workers per
-    # CPU with two threads each gave the best GET throughput and tail latency; a worker's threads
-    # share one GIL, and a thread waiting for its shard's reply gives it up and takes it back.
-    workers: int = 2 * (os.cpu_count() or 1)
-    threads: int = 2
-    worker_class: str = "gthread"
+    # Chosen by measurement on 2 cores (README, "Choosing the defaults"): one event loop per CPU.
+    workers: int = os.cpu_count() or 1
     enqueue_timeout: float = 0.5
     read_timeout: float = 2.0
     max_body_bytes: int = 4 * 1024 * 1024
@@ -23,6 +19,9 @@ class Settings:
     inbox_bytes: int = 1024 * 1024
     gunicorn_config: str | None = None
     graceful_timeout: float = 30.0
+    header_timeout: float = 10.0  # from a request's first byte (or an idle connection's last) to its blank line
+    body_timeout: float = 30.0  # from the end of a request's head to the end of its body
+    max_connections: int = 1000  # per worker; past it the connection idle the longest is closed
     log_level: str = "info"
     log_format: str = "json"
     data_dir: str = "./data"

@@ -19,8 +19,8 @@ def test_defaults_are_the_documented_ones():
     s = parse_settings(["serve"], environ={})
     assert s.bind == "127.0.0.1:8080"
     assert s.shards is None  # the data dir's count, else 4
-    assert s.workers == 2 * (os.cpu_count() or 1)
-    assert (s.worker_class, s.threads) == ("gthread", 2)
+    assert s.workers == (os.cpu_count() or 1)  # one event loop per CPU
+    assert (s.header_timeout, s.body_timeout, s.max_connections) == (10.0, 30.0, 1000)
     assert (s.durability, s.data_dir, s.commit_interval) == ("batch", "./data", 0.05)
     assert s.apply_delay == 0.01
     assert (s.enqueue_timeout, s.read_timeout) == (0.5, 2.0)

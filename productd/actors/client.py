@@ -1,25 +1,30 @@
-"""The front end's handle to the shards: route, enqueue, and ask.
+"""The front end's handle to the shards: route, enqueue, and ask, from a worker's event loop.
 
-One `ShardClient` per gunicorn worker process. Each handler thread gets its own reply socket
-(an autobound abstract Unix datagram socket, so nothing is left on disk) the first time it
-reads, and waits on it itself: handing replies from a reader thread to waiters costs more
-context switches than it saves.
+One `ShardClient` per gunicorn worker process, used only from that worker's asyncio loop. It
+owns one reply socket (an autobound abstract Unix datagram socket, so nothing is left on disk)
+that the loop watches with `add_reader`; each request that waits for a shard registers a future
+under its request id, and the reader hands each datagram to its future. A reply whose request
+has already given up (timed out) finds no future: it is dropped and counted (`late_reply`).
+
+Inbox writes stay one non-blocking `os.write()` of at most PIPE_BUF per frame, so the kernel
+keeps each frame whole among every writer; a full inbox is waited for with `add_writer` until
+the deadline, never by blocking the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import platform
+import select
 import socket
-import struct
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from productd.actors import protocol, status
-from productd.actors.inbox import queued_bytes, ring, write_frame
+from productd.actors.inbox import queued_bytes, ring
 from productd.actors.routing import shard_for
 from productd.actors.status import StatusBoard
 
@@ -27,6 +32,8 @@ from productd.actors.status import StatusBoard
 # the flag not being reordered (and likewise the shard's store of the flag and its read of the
 # inbox). The pipe's lock makes that so on x86; elsewhere a read always rings, one byte more.
 ALWAYS_RING = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+REPLY_BUFFER = 1 << 20  # room for bursts of replies while the loop is busy elsewhere
+MAX_REPLY = 65536
 
 
 class ShardUnavailable(Exception):
@@ -35,6 +42,10 @@ class ShardUnavailable(Exception):
 
 class ShardTimeout(Exception):
     """The shard did not answer in time."""
+
+
+class SupervisorGone(ShardUnavailable):
+    """An inbox has no reader left: the supervisor (which keeps every read end open) is dead."""
 
 
 @dataclass
@@ -49,6 +60,9 @@ class Submission:
     uncommitted: bool = False  # sync mode: some frames were not confirmed in time
 
 
+PackedEvents = dict[int, list[tuple[int, bytes]]]  # shard -> [(index in the request, packed event)]
+
+
 class ShardClient:
     def __init__(
         self,
@@ -58,6 +72,8 @@ class ShardClient:
         read_timeout: float,
         wait_for_commit: bool = False,
         bell_fds: list[int] | None = None,
+        late_reply: Callable[[], None] = lambda: None,
+        supervisor_gone: Callable[[], None] = lambda: None,
     ) -> None:
         self.inbox_fds = inbox_fds
         self.bell_fds = bell_fds
@@ -66,9 +82,124 @@ class ShardClient:
         self.enqueue_timeout = enqueue_timeout
         self.read_timeout = read_timeout
         self.wait_for_commit = wait_for_commit
-        self._local = threading.local()
+        self.late_reply = late_reply
+        self.on_supervisor_gone = supervisor_gone
+        self.gone = False
         self._ids = itertools.count(1)
-        os.register_at_fork(after_in_child=self._forget_reply_sockets)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._address = b""
+        self._waiting: dict[int, asyncio.Future] = {}  # request id -> its reply
+        self._writable: dict[int, list[asyncio.Future]] = {}  # inbox fd -> writers waiting for room
+        os.register_at_fork(after_in_child=self._forget)
+
+    # ---- the reply socket, on this worker's loop
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return loop
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind("")  # Linux autobind: a unique abstract address
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REPLY_BUFFER)
+        except OSError:
+            pass
+        self._sock, self._address, self._loop = sock, sock.getsockname(), loop
+        loop.add_reader(sock.fileno(), self._on_replies)
+        return loop
+
+    def _on_replies(self) -> None:
+        recv, waiting, unpack = self._sock.recv, self._waiting, protocol.unpack_reply
+        while True:
+            try:
+                data = recv(MAX_REPLY)
+            except (BlockingIOError, InterruptedError):
+                return
+            request_id, payload = unpack(data)
+            future = waiting.pop(request_id, None)
+            if future is None or future.done():
+                self.late_reply()  # its request timed out (504) or went away: nobody to give it to
+            else:
+                future.set_result(payload)
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's socket and loop are the parent's, never use them here."""
+        self._loop = self._sock = None
+        self._waiting, self._writable = {}, {}
+
+    async def _reply(self, request_id: int, future: asyncio.Future, deadline: float, loop) -> object:
+        """Await the reply registered as `future`; ShardTimeout at `deadline` (loop time)."""
+        timer = loop.call_at(deadline, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(request_id, None)
+
+    # ---- writing frames
+
+    async def _write(self, fd: int, data: bytes, deadline: float, bell: int, loop) -> bool:
+        """Write one frame whole, waiting for room until `deadline` (loop time). False if none came.
+
+        A full inbox rings `bell`: its shard may be dozing with the room the writer waits for.
+        """
+        rang = False
+        while True:
+            try:
+                os.write(fd, data)
+                return True
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:
+                self._gone()
+                raise SupervisorGone(-1) from None
+            if loop.time() >= deadline:
+                return False
+            if bell >= 0 and not rang:
+                ring(bell)
+                rang = True
+            room = loop.create_future()
+            waiters = self._writable.get(fd)
+            if waiters is None:
+                # One add_writer per fd per loop: every writer waiting on this inbox shares it.
+                waiters = self._writable[fd] = []
+                loop.add_writer(fd, self._on_writable, fd)
+            waiters.append(room)
+            timer = loop.call_at(deadline, _expire, room)
+            try:
+                await room
+            except ShardTimeout:
+                return False
+            finally:
+                timer.cancel()
+
+    def _on_writable(self, fd: int) -> None:
+        self._loop.remove_writer(fd)
+        for room in self._writable.pop(fd, ()):
+            if not room.done():
+                room.set_result(None)
+
+    def _gone(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.on_supervisor_gone()
+
+    def supervisor_alive(self) -> bool:
+        """False once an inbox has lost its last reader (POLLERR on the write end): the supervisor,
+        which holds every read end, is dead, and with it every shard."""
+        if self.gone:
+            return False
+        poller = select.poll()
+        poller.register(self.inbox_fds[0], select.POLLOUT)
+        for _, events in poller.poll(0):
+            if events & select.POLLERR:
+                self._gone()
+                return False
+        return True
+
+    # ---- what the resources call
 
     def shard_for(self, product_id: str) -> int:
         return shard_for(product_id, self.shards)
@@ -76,29 +207,33 @@ class ShardClient:
     def writable(self, shard: int) -> bool:
         return self.board.state(shard) == status.READY and not self.board.get(shard, status.WRITES_REFUSED)
 
-    def submit(self, events: list[tuple[str, float | None, int | None, int | None]]) -> Submission:
-        """Put every event into its shard's inbox, in order per shard.
+    def pack(self, events: list[tuple[str, float | None, int | None, int | None]]) -> PackedEvents:
+        """Pack each event for its shard, keeping request order per shard. Pure CPU: a caller with
+        a big request may run it in a thread."""
+        per_shard: PackedEvents = {}
+        pack = protocol.pack_event
+        n = self.shards
+        for index, (product_id, price, stock, version) in enumerate(events):
+            per_shard.setdefault(shard_for(product_id, n), []).append((index, pack(product_id, price, stock, version)))
+        return per_shard
+
+    async def submit(self, per_shard: PackedEvents, total: int) -> Submission:
+        """Put every packed event into its shard's inbox, in order per shard.
 
         A shard that is down, or whose inbox stays full until the deadline, takes nothing more
         of this request: the rest of its items are reported in `not_accepted`, never sent later,
         so a client that resends them keeps each product's order.
         """
         result = Submission()
-        if self.board.stopping:
-            result.not_accepted = list(range(len(events)))
+        if self.board.stopping or self.gone:
+            result.not_accepted = list(range(total))
             result.unavailable_shards = list(range(self.shards))
             return result
-        per_shard: dict[int, list[tuple[int, bytes]]] = {}
-        pack = protocol.pack_event
-        n = self.shards
-        for index, (product_id, price, stock, version) in enumerate(events):
-            per_shard.setdefault(shard_for(product_id, n), []).append(
-                (index, pack(product_id, price, stock, version))
-            )
-        deadline = time.monotonic() + self.enqueue_timeout
+        loop = self._start()
+        deadline = loop.time() + self.enqueue_timeout
         accepted_ns = time.time_ns()
-        reply_to = self._reply_socket()[1] if self.wait_for_commit else None
-        waiting: dict[int, list[int]] = {}  # request id of a frame -> its indexes
+        reply_to = self._address if self.wait_for_commit else None
+        waiting: dict[int, tuple[list[int], asyncio.Future]] = {}  # request id of a frame -> its indexes
         for shard, items in per_shard.items():
             if not self.writable(shard):
                 result.unavailable_shards.append(shard)
@@ -106,87 +241,80 @@ class ShardClient:
                 continue
             fd = self.inbox_fds[shard]
             bell = self.bell_fds[shard] if self.bell_fds else -1
+            refused = False
             for indexes, request_id, data in protocol.events_frames(items, reply_to, self._ids, accepted_ns):
-                if result.full_shards and result.full_shards[-1] == shard:
+                if refused:
                     result.not_accepted.extend(indexes)  # never send past a refused frame
-                elif write_frame(fd, data, deadline, bell):
+                    continue
+                if reply_to is not None:  # registered before the write: the ack may come at once
+                    future = self._waiting[request_id] = loop.create_future()
+                try:
+                    written = await self._write(fd, data, deadline, bell, loop)
+                except SupervisorGone:
+                    written = False
+                if written:
                     result.accepted += len(indexes)
                     if reply_to is not None:
-                        waiting[request_id] = indexes
+                        waiting[request_id] = (indexes, future)
                 else:
-                    result.full_shards.append(shard)
+                    if reply_to is not None:
+                        self._waiting.pop(request_id, None)
+                    refused = True
+                    (result.unavailable_shards if self.gone else result.full_shards).append(shard)
                     result.not_accepted.extend(indexes)
         if waiting:
-            self._await_commits(waiting, result)
+            await self._await_commits(waiting, result, loop)
         result.not_accepted.sort()
         return result
 
-    def _await_commits(self, waiting: dict[int, list[int]], result: Submission) -> None:
+    async def _await_commits(self, waiting: dict, result: Submission, loop) -> None:
         """Sync durability: an event counts as accepted only once its shard has committed it."""
-        for request_id, error in self._replies(time.monotonic() + self.read_timeout):
-            indexes = waiting.pop(request_id, None)
-            if indexes is not None and error is not None:
+        deadline = loop.time() + self.read_timeout
+        for request_id, (indexes, future) in waiting.items():
+            try:
+                error = await self._reply(request_id, future, deadline, loop)
+            except ShardTimeout:  # no answer in time: the client must assume not committed
+                result.accepted -= len(indexes)
+                result.not_accepted.extend(indexes)
+                result.uncommitted = True
+                continue
+            if error is not None:
                 result.accepted -= len(indexes)
                 result.not_accepted.extend(indexes)
                 result.commit_errors.append(error)
-            if not waiting:
-                break
-        for indexes in waiting.values():  # no answer in time: the client must assume not committed
-            result.accepted -= len(indexes)
-            result.not_accepted.extend(indexes)
-            result.uncommitted = True
 
-    def read(self, product_id: str) -> bytes | None:
+    async def read(self, product_id: str) -> bytes | None:
         """The product's packed record (see productd.store.record) as its shard has it now,
         behind every event already in its inbox; None if it has none."""
         shard = shard_for(product_id, self.shards)
         board = self.board
-        if board.state(shard) != status.READY:
+        if board.state(shard) != status.READY or self.gone:
             raise ShardUnavailable(shard)
-        address = self._reply_socket()[1]
+        loop = self._start()
         request_id = next(self._ids)
-        deadline = time.monotonic() + self.read_timeout
+        deadline = loop.time() + self.read_timeout
         bell = self.bell_fds[shard] if self.bell_fds else -1
-        if not write_frame(self.inbox_fds[shard], protocol.get_frame(address, request_id, product_id), deadline, bell):
+        future = self._waiting[request_id] = loop.create_future()
+        frame = protocol.get_frame(self._address, request_id, product_id)
+        try:
+            written = await self._write(self.inbox_fds[shard], frame, deadline, bell, loop)
+        except SupervisorGone:
+            self._waiting.pop(request_id, None)
+            raise ShardUnavailable(shard) from None
+        if not written:
+            self._waiting.pop(request_id, None)
             raise ShardTimeout(shard)
         if bell >= 0 and (ALWAYS_RING or board.get(shard, status.DOZING)):
             ring(bell)
-        for got_id, payload in self._replies(deadline):
-            if got_id == request_id:  # anything else is a late answer to a read that timed out
-                return payload
-        raise ShardTimeout(shard)
-
-    def _replies(self, deadline: float) -> Iterator[tuple[int, object]]:
-        """Replies to this thread until `deadline`.
-
-        The socket carries SO_RCVTIMEO = read timeout, so each wait is one recv() system call
-        rather than poll() and recv(); only a late reply to an earlier read makes the wait go on,
-        by at most one more read timeout.
-        """
-        sock = self._reply_socket()[0]
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                return
-            yield protocol.unpack_reply(data)
+        try:
+            return await self._reply(request_id, future, deadline, loop)
+        except ShardTimeout:
+            raise ShardTimeout(shard) from None
 
     def inbox_bytes(self, shard: int) -> int:
         return queued_bytes(self.inbox_fds[shard])
 
-    def _reply_socket(self) -> tuple[socket.socket, bytes]:
-        try:
-            return self._local.socket
-        except AttributeError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind("")  # Linux autobind: a unique abstract address
-        seconds = int(self.read_timeout)
-        micros = int((self.read_timeout - seconds) * 1e6)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
-        self._local.socket = sock, sock.getsockname()
-        return self._local.socket
 
-    def _forget_reply_sockets(self) -> None:
-        """In a forked child: the parent's reply sockets are the parent's, never read them here."""
-        self._local = threading.local()
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(ShardTimeout(-1))

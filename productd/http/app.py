@@ -1,5 +1,5 @@
-"""The Falcon application: routes, error handling, and what every request gets on its way out
-(request id, serving worker, stats and a log line)."""
+"""The Falcon ASGI application: routes, error handling, and what every request gets on its way
+out (request id, serving worker, stats and a log line)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from importlib import resources as package_files
 
 import falcon
+import falcon.asgi
 import orjson
 
 from productd.actors.client import ShardClient
@@ -42,7 +43,7 @@ def request_id(req: falcon.Request) -> str:
     New ids are a random per-process prefix and a counter: unique without a syscall per request.
     """
     global _id_prefix
-    rid = req.env.get("HTTP_X_REQUEST_ID")
+    rid = req.get_header("X-Request-ID")
     if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
         return rid
     if not _id_prefix:
@@ -53,8 +54,8 @@ def request_id(req: falcon.Request) -> str:
 class RequestLog:
     """Falcon middleware: headers, stats and the log line of each request.
 
-    It runs for every request, so it does no more than it must: every microsecond here costs about
-    two in a loaded gthread worker (README, "Where the time goes").
+    It runs for every request, on the loop that serves every connection of the worker, so it does
+    no more than it must (README, "Where the time goes").
     """
 
     def __init__(self, stats: HttpStats, access_log: bool) -> None:
@@ -62,10 +63,10 @@ class RequestLog:
         self.stats = stats
         self.access_log = access_log
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
 
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
+    async def process_response(self, req, resp, resource, req_succeeded) -> None:
         elapsed = time.perf_counter() - req.context.started
         rid = request_id(req)
         resp.set_header("X-Request-ID", rid)
@@ -97,7 +98,7 @@ class BearerAuth:
         self.token = token.encode()
         self.reads_too = reads_too
 
-    def process_resource(self, req, resp, resource, params) -> None:
+    async def process_resource(self, req, resp, resource, params) -> None:
         route = req.uri_template
         if (req.method == "POST" and route == "/events") or (self.reads_too and route == "/products/{product_id}"):
             scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
@@ -117,8 +118,10 @@ class OpenApi:
         doc["components"]["schemas"]["EventBatch"]["maxItems"] = max_events
         self.document = orjson.dumps(doc)
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data = self.document
+
+    on_head = on_get
 
 
 def create_app(
@@ -130,11 +133,11 @@ def create_app(
     access_log: bool = False,
     auth_token: str | None = None,
     auth_reads: bool = False,
-) -> falcon.App:
+) -> falcon.asgi.App:
     middleware: list = [RequestLog(stats, access_log)]
     if auth_token:
         middleware.append(BearerAuth(auth_token, auth_reads))
-    app = falcon.App(middleware=middleware)
+    app = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = False
     app.resp_options.default_media_type = falcon.MEDIA_JSON
     app.set_error_serializer(problems.serialize_error)

@@ -27,7 +27,7 @@ SHARD_SERIES = (
      "Restarts after which the shard's products were gone (memory-only mode).", status.STATE_LOST),
     ("productd_commits_total", "counter", "Transactions the shard committed to its file.", status.COMMITS),
     ("productd_replies_dropped_total", "counter",
-     "Replies the shard could not deliver: the asking worker thread was gone, or its socket was full.",
+     "Replies the shard could not deliver: the asking worker was gone, or its socket was full.",
      status.DROPPED_REPLIES),
     ("productd_inbox_skipped_bytes_total", "counter",
      "Inbox bytes dropped to find a frame boundary after a shard died mid-frame.", status.SKIPPED_BYTES),
@@ -39,9 +39,11 @@ class Metrics:
         self.client = client
         self.stats = stats
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE
         resp.text = render(self.client, self.stats)
+
+    on_head = on_get
 
 
 def render(client: ShardClient, stats: HttpStats) -> str:

@@ -18,9 +18,12 @@ _TYPES = {
     401: "unauthorized",
     404: "not-found",
     405: "method-not-allowed",
+    408: "request-timeout",
     413: "too-large",
+    414: "target-too-long",
     415: "unsupported-media-type",
     422: "invalid-events",
+    431: "head-too-large",
     500: "internal-error",
     503: "unavailable",
     504: "shard-timeout",
@@ -75,7 +78,7 @@ def _default_detail(req: falcon.Request, status: int) -> str:
     return falcon.code_to_http_status(status)
 
 
-def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+async def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict, ws=None) -> None:
     """A bug, not bad input: log it with the request, answer a problem rather than a bare 500."""
     log.exception("unhandled error on %s %s", req.method, req.path)
     resp.status = falcon.HTTP_500

@@ -1,4 +1,5 @@
-"""gunicorn integration: run the Falcon app in the arbiter the supervisor forked.
+"""gunicorn integration: run the Falcon ASGI app, under productd's uvicorn worker class
+(productd.http.worker), in the arbiter the supervisor forked.
 
 The listening socket is the supervisor's (bound before anything forked, so a busy port is a
 clear error at once) and reaches gunicorn as `fd://N`. productd's own options win over the
@@ -8,7 +9,6 @@ same settings in --gunicorn-config; that file is for everything else gunicorn of
 from __future__ import annotations
 
 import os
-import signal
 
 from gunicorn import glogging
 from gunicorn.app.base import Application
@@ -47,9 +47,7 @@ class GunicornServer(Application):
         cfg = self.cfg
         cfg.set("bind", [f"fd://{fd}" for fd in self.frontend.listener_fds])
         cfg.set("workers", s.workers)
-        # gunicorn turns a sync worker with threads into gthread; sync means one thread here.
-        cfg.set("threads", 1 if s.worker_class == "sync" else s.threads)
-        cfg.set("worker_class", s.worker_class)
+        cfg.set("worker_class", "productd.http.worker.ProductdWorker")
         cfg.set("graceful_timeout", max(1, round(s.graceful_timeout)))
         cfg.set("loglevel", s.log_level)
         cfg.set("logger_class", GunicornLogger)
@@ -75,25 +73,15 @@ class GunicornServer(Application):
             worker.sockets = [worker.sockets[worker.productd_slot % len(worker.sockets)]]
             user_post_fork(server, worker)
 
-        user_post_worker_init = cfg.post_worker_init
-
-        def post_worker_init(worker) -> None:  # in the worker, after gunicorn set its signal handlers
-            # The arbiter stops workers with SIGTERM or SIGQUIT, never SIGINT. A SIGINT sent to every
-            # process (pkill -INT productd) would otherwise reach a gthread worker twice, directly
-            # and as the arbiter's SIGQUIT, and the nested quit handler waits out the whole
-            # graceful timeout.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            user_post_worker_init(worker)
-
         cfg.set("pre_fork", pre_fork)
         cfg.set("post_fork", post_fork)
-        cfg.set("post_worker_init", post_worker_init)
 
     def load(self):
         f, s = self.frontend, self.settings
-        client = ShardClient(
+        # In the worker (gunicorn loads the app after the fork): one client, one reply socket.
+        self.client = client = ShardClient(
             f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout,
-            wait_for_commit=s.durability == "sync", bell_fds=f.bell_fds,
+            wait_for_commit=s.durability == "sync", bell_fds=f.bell_fds, late_reply=self.stats.late_reply,
         )
         return create_app(
             client, self.stats,

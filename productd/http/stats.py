@@ -26,7 +26,8 @@ _REQUESTS = 0
 _HIST = _REQUESTS + len(ROUTES) * len(METHODS) * len(STATUSES)
 _HIST_ROW = len(LATENCY_BUCKETS) + 3  # buckets, +Inf, sum (microseconds), count
 _REJECTED = _HIST + len(ROUTES) * _HIST_ROW  # events refused with 503, per shard
-SLOT_FIELDS = _REJECTED + MAX_SHARDS
+_LATE = _REJECTED + MAX_SHARDS  # shard replies that came after their request had timed out
+SLOT_FIELDS = _LATE + 1
 
 
 class HttpStats:
@@ -35,7 +36,8 @@ class HttpStats:
         self._mem = mmap.mmap(-1, 8 * SLOT_FIELDS * slots)
         self._q = memoryview(self._mem).cast("q")
         self._base = 0  # this worker's slot offset
-        self._lock = threading.Lock()  # gthread workers update one slot from several threads
+        # A worker updates its slot from its event loop and, rarely, from a thread (asyncio.to_thread).
+        self._lock = threading.Lock()
 
     # -- in the arbiter
 
@@ -71,6 +73,9 @@ class HttpStats:
     def rejected(self, shard: int, events: int) -> None:
         with self._lock:
             self._q[self._base + _REJECTED + shard] += events
+
+    def late_reply(self) -> None:
+        self._q[self._base + _LATE] += 1  # only ever called on the worker's loop
 
     # -- for a scrape, in any process
 
@@ -112,4 +117,10 @@ class HttpStats:
             "# TYPE productd_events_rejected_total counter",
         ]
         lines += [f'productd_events_rejected_total{{shard="{s}"}} {self._total(_REJECTED + s)}' for s in range(shards)]
+        lines += [
+            "# HELP productd_late_replies_total Shard replies that arrived after their request had timed out "
+            "(answered 504, or 503 in sync mode); dropped.",
+            "# TYPE productd_late_replies_total counter",
+            f"productd_late_replies_total {self._total(_LATE)}",
+        ]
         return lines
