@@ -57,6 +57,8 @@ class Limits:
     body_timeout = 30.0
     max_connections = 1000
     max_body_bytes = 4 * 1024 * 1024
+    max_requests = 1 << 62  # gunicorn's max_requests (with its jitter) for this worker
+    requests_done = staticmethod(lambda: None)  # called once when the worker reaches max_requests
 
 
 class _Transport:
@@ -180,7 +182,7 @@ class Connection(HttpToolsProtocol):
                             "malformed-request")
             raise ValueError("no Host")
         super().on_headers_complete()
-        if self.stopping:
+        if self.stopping or self.server_state.total_requests >= self.limits.max_requests:
             self.cycle.keep_alive = False
         self.phase = BODY
         self.since = self.loop.time()
@@ -230,6 +232,10 @@ class Connection(HttpToolsProtocol):
             self.phase = IDLE
             self.since = self.loop.time()
         super().on_response_complete()
+        if self.server_state.total_requests == self.limits.max_requests:
+            # uvicorn looks at its request count ten times a second, and a busy worker answers
+            # many more requests than max_requests meanwhile: stop taking new ones now.
+            self.limits.requests_done()
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle

@@ -58,6 +58,16 @@ class ProductdWorker(UvicornWorker):
         limits.max_connections = settings.max_connections
         limits.max_body_bytes = settings.max_body_bytes
         server = _Server(config=self.config)
+        limits.max_requests = self.max_requests  # gunicorn's, with its jitter; sys.maxsize if unset
+
+        def requests_done() -> None:
+            server.should_exit = True
+            for listener in getattr(server, "servers", ()):
+                listener.close()  # the next connections wait for the replacement on the same socket
+            for conn in list(server.server_state.connections):
+                conn.shutdown()
+
+        limits.requests_done = requests_done
         self._install_sigquit_handler()
         client = self.app.client
         stop = asyncio.Event()
