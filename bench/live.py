@@ -1,8 +1,9 @@
 """Live-server helpers for the bench: start/stop servers on loopback, and drive load against them.
 
 Servers: `productd serve` (via `sys.executable -m productd serve`) or a baseline under gunicorn (via
-`sys.executable -m gunicorn bench.baselines.<name>:app`), each on a free 127.0.0.1 port, with the same
-gunicorn worker class / workers / threads (see `gunicorn_settings`).
+`sys.executable -m gunicorn bench.baselines.<name>:app`), each on a free 127.0.0.1 port. productd and
+the ASGI ceiling run the same number of uvicorn workers; the WSGI ceiling (a reference row) and the
+naive peer run under gthread as productd's front end did before issue 11 (see `gunicorn_settings`).
 
 Load: `wrk` when it is on PATH (Lua scripts in bench/lua/, `--latency` output parsed), else a Python
 client (processes x threads of keep-alive `http.client` connections). Every `LoadResult` says which
@@ -15,8 +16,12 @@ Environment knobs:
     BENCH_BULK_CONNECTIONS  concurrent connections for bulk loads (default 8)
     BENCH_WRK_THREADS  wrk threads (default 1: wrk on one thread keeps up and leaves the other core alone)
     BENCH_CLIENT       "wrk" or "python": force a load generator (default: wrk if installed)
-    BENCH_WORKER_CLASS / BENCH_WORKERS / BENCH_THREADS  gunicorn settings for every server
-                       (default: productd's own defaults, read from productd.config when importable)
+    BENCH_WORKERS      worker processes of productd and the ASGI ceiling (default: productd's default,
+                       read from productd.config when importable)
+    BENCH_ASGI_WORKER_CLASS  the ASGI ceiling's worker class (default bench.baselines.ceiling.Worker,
+                       uvicorn; `asgi` is gunicorn's own)
+    BENCH_WSGI_WORKERS / BENCH_WSGI_THREADS  the gthread WSGI ceiling's (default 2 per CPU, 2 threads:
+                       productd's defaults before issue 11)
     BENCH_PRODUCTD_ARGS  extra arguments for `productd serve` (shell-split)
 """
 
@@ -80,24 +85,23 @@ def free_port() -> int:
 
 
 def gunicorn_settings() -> dict:
-    """Worker class, workers and threads shared by productd and the baselines.
+    """Workers and worker classes of the servers.
 
-    productd's defaults come from productd.config.Settings when it is importable; BENCH_* env vars win.
+    productd's worker count comes from productd.config.Settings when it is importable; BENCH_* env vars win.
     """
-    workers, threads, worker_class = os.cpu_count() or 1, 1, None
+    workers = os.cpu_count() or 1
     try:
         from productd.config import Settings  # type: ignore[import-not-found]
 
-        defaults = Settings()
-        workers = getattr(defaults, "workers", workers) or workers
-        threads = getattr(defaults, "threads", threads) or threads
-        worker_class = getattr(defaults, "worker_class", worker_class)
+        workers = getattr(Settings(), "workers", workers) or workers
     except Exception:  # noqa: BLE001 - productd may not exist yet, or may need arguments
         pass
-    workers = env_int("BENCH_WORKERS", int(workers))
-    threads = env_int("BENCH_THREADS", int(threads))
-    worker_class = os.environ.get("BENCH_WORKER_CLASS") or worker_class or ("gthread" if threads > 1 else "sync")
-    return {"worker_class": worker_class, "workers": workers, "threads": threads}
+    return {
+        "workers": env_int("BENCH_WORKERS", int(workers)),
+        "asgi_worker_class": os.environ.get("BENCH_ASGI_WORKER_CLASS") or "bench.baselines.ceiling.Worker",
+        "wsgi_workers": env_int("BENCH_WSGI_WORKERS", 2 * (os.cpu_count() or 1)),
+        "wsgi_threads": env_int("BENCH_WSGI_THREADS", 2),
+    }
 
 
 def _children_of() -> dict[int, list[int]]:
@@ -246,8 +250,6 @@ def productd_server(
         sys.executable, "-m", "productd", "serve",
         "--bind", f"{HOST}:{port}",
         "--workers", str(s["workers"]),
-        "--threads", str(s["threads"]),
-        "--worker-class", s["worker_class"],
         "--log-level", "warning",
         "--data-dir", data_dir,
         *shlex.split(os.environ.get("BENCH_PRODUCTD_ARGS", "")),
@@ -292,18 +294,23 @@ def _no_control_socket() -> list[str]:
 
 
 def baseline_server(name: str, port: int | None = None, settings: dict | None = None) -> Server:
-    """`ceiling` or `naive` under gunicorn; naive always runs one worker (its state is per process)."""
+    """`ceiling` (ASGI, uvicorn), `ceiling_wsgi` (gthread) or `naive` (gthread, always one worker: its
+    state is per process) under gunicorn."""
     s = dict(settings or gunicorn_settings())
-    if name == "naive":
-        s["workers"] = 1
+    if name == "ceiling":
+        workers, worker_class, threads = s["workers"], s["asgi_worker_class"], 1
+    elif name == "naive":
+        workers, worker_class, threads = 1, "gthread", 4
+    else:
+        workers, worker_class, threads = s["wsgi_workers"], "gthread", s["wsgi_threads"]
     port = port or free_port()
     # The listening sockets come from the config: one SO_REUSEPORT socket per worker, like productd.
-    env = {"BENCH_BIND": f"{HOST}:{port}", "BENCH_BASELINE_WORKERS": str(s["workers"])}
+    env = {"BENCH_BIND": f"{HOST}:{port}", "BENCH_BASELINE_WORKERS": str(workers)}
     argv = [
         sys.executable, "-m", "gunicorn",
         "--config", "python:bench.baselines.reuseport_conf",
-        "--threads", str(s["threads"]),
-        "--worker-class", s["worker_class"],
+        "--threads", str(threads),
+        "--worker-class", worker_class,
         "--log-level", "warning",
         *_no_control_socket(),
         f"bench.baselines.{name}:app",
@@ -401,8 +408,11 @@ class Load:
     events_per_write: int
     bulk: bool = False
     description: str = ""
+    fixed_connections: int = 0  # this many whatever BENCH_CONNECTIONS says
 
     def connections(self) -> int:
+        if self.fixed_connections:
+            return self.fixed_connections
         return env_int("BENCH_BULK_CONNECTIONS", 8) if self.bulk else env_int("BENCH_CONNECTIONS", 32)
 
 
@@ -413,6 +423,7 @@ LOADS: dict[str, Load] = {
         Load("post_bulk_json", "post_bulk_json.lua", BATCH, True, "POST /events, JSON array of 1,000 events"),
         Load("post_bulk_ndjson", "post_bulk_ndjson.lua", BATCH, True, "POST /events, 1,000 NDJSON lines"),
         Load("get", "get.lua", 0, description="GET /products/{id} over 10,000 products"),
+        Load("get_c256", "get.lua", 0, description="GET /products/{id}, 256 connections", fixed_connections=256),
         Load("mix", "mix.lua", 1, description="90% GET / 10% POST one event"),
     )
 }
@@ -582,7 +593,7 @@ def _request_maker(load_name: str, seed: int) -> Callable[[], tuple[str, str, by
         return lambda: ("POST", "/events", bodies[next(counter) % len(bodies)], headers, True)
     if load_name == "post_single":
         return lambda: ("POST", "/events", event(rnd.randrange(N_PRODUCTS)), json_h, True)
-    if load_name == "get":
+    if load_name in ("get", "get_c256"):
         return lambda: ("GET", f"/products/{product_id(rnd.randrange(N_PRODUCTS))}", None, {}, False)
     if load_name == "mix":
 

@@ -5,7 +5,8 @@ What uvicorn-worker leaves out, added here:
 - gunicorn's graceful_timeout (--graceful-timeout) becomes uvicorn's graceful shutdown timeout,
   so SIGTERM drains in-flight requests within it and then cancels what is left;
 - SIGINT is ignored: the arbiter stops workers with SIGTERM or SIGQUIT, and a SIGINT sent to
-  every process (pkill -INT productd) must not stop a worker on its own;
+  every process (pkill -INT productd) must not stop a worker on its own; SIGTERM and SIGQUIT
+  both drain;
 - one sweep task enforces the header and body deadlines (productd.http.connection) and checks
   that the supervisor is alive: once an inbox has no reader, nothing can be served, and the
   worker stops at once instead of answering 503 until gunicorn gives up.
@@ -30,9 +31,12 @@ log = logging.getLogger("productd.http")
 
 class _Server(Server):
     def handle_exit(self, sig, frame) -> None:
-        if sig == signal.SIGINT:
-            return  # see the module docstring
-        super().handle_exit(sig, frame)
+        # SIGINT: ignored (see the module docstring). SIGTERM and SIGQUIT: drain and exit 0.
+        # uvicorn would re-raise the signal once drained, and the worker die of it; and
+        # uvicorn-worker's own SIGQUIT handler only flags gunicorn's worker, which uvicorn never
+        # reads, so the arbiter's quick stop (SIGQUIT) would wait out the graceful timeout.
+        if sig != signal.SIGINT:
+            self.should_exit = True
 
 
 class ProductdWorker(UvicornWorker):
@@ -68,7 +72,8 @@ class ProductdWorker(UvicornWorker):
                 conn.shutdown()
 
         limits.requests_done = requests_done
-        self._install_sigquit_handler()
+        # Like uvicorn's SIGTERM handler, on the server rather than on gunicorn's worker object.
+        signal.signal(signal.SIGQUIT, server.handle_exit)
         client = self.app.client
         stop = asyncio.Event()
 
