@@ -161,7 +161,7 @@ class Connection(HttpToolsProtocol):
         self.head_bytes = self.header_count = self.target_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self.target_bytes += len(url)
+        self.target_bytes += len(url)  # and then the headers (on_header): the head's size so far
         if self.target_bytes > MAX_TARGET_BYTES:
             self.refusal = (414, "Request target too long",
                             f"the request target exceeds {MAX_TARGET_BYTES} bytes", "target-too-long")
@@ -170,6 +170,11 @@ class Connection(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
+        self.target_bytes += len(name) + len(value) + 4
+        if self.target_bytes > MAX_HEAD_BYTES:
+            self.refusal = (431, "Request head too large",
+                            f"the request line and headers exceed {MAX_HEAD_BYTES} bytes", "head-too-large")
+            raise ValueError("head too large")
         if self.header_count > MAX_HEADERS:
             self.refusal = (431, "Too many headers", f"the request has more than {MAX_HEADERS} header fields",
                             "head-too-large")
@@ -302,16 +307,15 @@ class Connection(HttpToolsProtocol):
                 self.raw_transport.close()
 
     def shutdown(self) -> None:
-        """A graceful stop: finish the request under way; a connection accepted but not yet
-        asked anything gets SHUTDOWN_GRACE seconds to send its request, which is then answered
-        (a client cannot tell such a close from a lost request, unlike a keep-alive close)."""
-        cycle = self.cycle
+        """A graceful stop (SIGTERM, max_requests): finish the request under way, and give an idle
+        connection SHUTDOWN_GRACE seconds before closing it. A client may have sent a request on
+        it that we have not read yet; closing at once would lose that request without an answer
+        (seen: recycling under keep-alive load). Whatever comes in the grace is answered, with
+        `Connection: close`."""
         self.stopping = True
+        cycle = self.cycle
         if self.phase == IDLE and (cycle is None or cycle.response_complete):
-            if cycle is None:
-                self.loop.call_later(SHUTDOWN_GRACE, self._close_if_idle)
-                return
-            self.raw_transport.close()
+            self.loop.call_later(SHUTDOWN_GRACE, self._close_if_idle)
         elif cycle is not None:
             cycle.keep_alive = False
 

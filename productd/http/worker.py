@@ -65,6 +65,8 @@ class ProductdWorker(UvicornWorker):
         limits.max_requests = self.max_requests  # gunicorn's, with its jitter; sys.maxsize if unset
 
         def requests_done() -> None:
+            log.info("max_requests reached (%d requests): this worker stops taking new ones and exits",
+                     self.max_requests)
             server.should_exit = True
             for listener in getattr(server, "servers", ()):
                 listener.close()  # the next connections wait for the replacement on the same socket
