@@ -481,3 +481,34 @@ def test_front_end_left_behind_by_a_dead_supervisor_answers_503_and_exits(start_
     while any(alive(p) for p in [*workers, *arbiter]) and time.monotonic() < end:
         time.sleep(0.1)
     assert not any(alive(p) for p in [*workers, *arbiter]), "the front end outlived its supervisor"
+
+
+def test_a_burst_of_replies_beyond_the_datagram_queue_is_not_dropped(start_service):
+    """Linux queues at most net.unix.max_dgram_qlen (default 10) datagrams on a Unix socket and a
+    shard never waits: 40 reads waiting on one worker, answered in one burst, must all arrive."""
+    svc = start_service(shards=1, workers=1, extra_args=["--read-timeout", "30"])
+    product = uid("burst")
+    assert svc.post({"product_id": product, "stock": 7}).status_code == 202
+    (shard,) = svc.shard_pids()
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def read() -> None:
+        r = requests.get(f"{svc.url}/products/{product}", timeout=TIMEOUT)
+        with lock:
+            codes.append(r.status_code)
+
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        readers = [threading.Thread(target=read) for _ in range(40)]
+        for th in readers:
+            th.start()
+        # Every read's frame waits in the stopped shard's inbox (each is more than 20 bytes).
+        svc.wait_for(lambda: svc.readyz().json()["shards"][0]["inbox_bytes"] >= 40 * 20, "40 queued reads")
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    for th in readers:
+        th.join(60)
+        assert not th.is_alive(), "a reader hung"
+    assert codes == [200] * 40, codes
+    assert svc.metric_sum("productd_replies_dropped_total") == 0

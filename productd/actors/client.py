@@ -1,10 +1,10 @@
 """The front end's handle to the shards: route, enqueue, and ask, from a worker's event loop.
 
-One `ShardClient` per gunicorn worker process, used only from that worker's asyncio loop. It
-owns one reply socket (an autobound abstract Unix datagram socket, so nothing is left on disk)
-that the loop watches with `add_reader`; each request that waits for a shard registers a future
-under its request id, and the reader hands each datagram to its future. A reply whose request
-has already given up (timed out) finds no future: it is dropped and counted (`late_reply`).
+One `ShardClient` per gunicorn worker process, used only from that worker's asyncio loop. Its
+reply sockets (productd.actors.replies) are watched by the loop; each request that waits for a
+shard registers a future under its request id, and the reader hands each datagram to its
+future. A reply whose request has already given up (timed out) finds no future: it is dropped
+and counted (`late_reply`).
 
 Inbox writes stay one non-blocking `os.write()` of at most PIPE_BUF per frame, so the kernel
 keeps each frame whole among every writer; a full inbox is waited for with `add_writer` until
@@ -18,13 +18,13 @@ import itertools
 import os
 import platform
 import select
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from productd.actors import protocol, status
 from productd.actors.inbox import queued_bytes, ring
+from productd.actors.replies import ReplySockets
 from productd.actors.routing import shard_for
 from productd.actors.status import StatusBoard
 
@@ -32,8 +32,6 @@ from productd.actors.status import StatusBoard
 # the flag not being reordered (and likewise the shard's store of the flag and its read of the
 # inbox). The pipe's lock makes that so on x86; elsewhere a read always rings, one byte more.
 ALWAYS_RING = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
-REPLY_BUFFER = 1 << 20  # room for bursts of replies while the loop is busy elsewhere
-MAX_REPLY = 65536
 
 
 class ShardUnavailable(Exception):
@@ -87,9 +85,7 @@ class ShardClient:
         self.gone = False
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sock: socket.socket | None = None
-        self._address = b""
-        self._waiting: dict[int, asyncio.Future] = {}  # request id -> its reply
+        self._replies: ReplySockets | None = None
         self._writable: dict[int, list[asyncio.Future]] = {}  # inbox fd -> writers waiting for room
         os.register_at_fork(after_in_child=self._forget)
 
@@ -97,37 +93,14 @@ class ShardClient:
 
     def _start(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return loop
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind("")  # Linux autobind: a unique abstract address
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REPLY_BUFFER)
-        except OSError:
-            pass
-        self._sock, self._address, self._loop = sock, sock.getsockname(), loop
-        loop.add_reader(sock.fileno(), self._on_replies)
+        if self._loop is not loop:
+            self._loop, self._replies = loop, ReplySockets(loop, self.late_reply)
         return loop
 
-    def _on_replies(self) -> None:
-        recv, waiting, unpack = self._sock.recv, self._waiting, protocol.unpack_reply
-        while True:
-            try:
-                data = recv(MAX_REPLY)
-            except (BlockingIOError, InterruptedError):
-                return
-            request_id, payload = unpack(data)
-            future = waiting.pop(request_id, None)
-            if future is None or future.done():
-                self.late_reply()  # its request timed out (504) or went away: nobody to give it to
-            else:
-                future.set_result(payload)
-
     def _forget(self) -> None:
-        """In a forked child: the parent's socket and loop are the parent's, never use them here."""
-        self._loop = self._sock = None
-        self._waiting, self._writable = {}, {}
+        """In a forked child: the parent's sockets and loop are the parent's, never use them here."""
+        self._loop = self._replies = None
+        self._writable = {}
 
     async def _reply(self, request_id: int, future: asyncio.Future, deadline: float, loop) -> object:
         """Await the reply registered as `future`; ShardTimeout at `deadline` (loop time)."""
@@ -136,7 +109,7 @@ class ShardClient:
             return await future
         finally:
             timer.cancel()
-            self._waiting.pop(request_id, None)
+            self._replies.forget(request_id)
 
     # ---- writing frames
 
@@ -230,9 +203,10 @@ class ShardClient:
             result.unavailable_shards = list(range(self.shards))
             return result
         loop = self._start()
+        replies = self._replies
         deadline = loop.time() + self.enqueue_timeout
         accepted_ns = time.time_ns()
-        reply_to = self._address if self.wait_for_commit else None
+        sync = self.wait_for_commit
         waiting: dict[int, tuple[list[int], asyncio.Future]] = {}  # request id of a frame -> its indexes
         for shard, items in per_shard.items():
             if not self.writable(shard):
@@ -242,23 +216,32 @@ class ShardClient:
             fd = self.inbox_fds[shard]
             bell = self.bell_fds[shard] if self.bell_fds else -1
             refused = False
-            for indexes, request_id, data in protocol.events_frames(items, reply_to, self._ids, accepted_ns):
+            # Sync: each frame asks for its own acknowledgement, on a reply socket with room for it.
+            # Frames are cut for the first address; every address has the same length, so a frame
+            # bound for another one is cut again from its own items to exactly one frame.
+            first = replies.next_address() if sync else None
+            packed = dict(items) if sync else None
+            for indexes, request_id, data in protocol.events_frames(items, first, self._ids, accepted_ns):
                 if refused:
                     result.not_accepted.extend(indexes)  # never send past a refused frame
                     continue
-                if reply_to is not None:  # registered before the write: the ack may come at once
-                    future = self._waiting[request_id] = loop.create_future()
+                if sync:  # registered before the write: the ack may come at once
+                    future, address = replies.expect(request_id)
+                    if address != first:
+                        ((_, _, data),) = protocol.events_frames(
+                            [(i, packed[i]) for i in indexes], address, iter((request_id,)), accepted_ns
+                        )
                 try:
                     written = await self._write(fd, data, deadline, bell, loop)
                 except SupervisorGone:
                     written = False
                 if written:
                     result.accepted += len(indexes)
-                    if reply_to is not None:
+                    if sync:
                         waiting[request_id] = (indexes, future)
                 else:
-                    if reply_to is not None:
-                        self._waiting.pop(request_id, None)
+                    if sync:
+                        replies.forget(request_id)
                     refused = True
                     (result.unavailable_shards if self.gone else result.full_shards).append(shard)
                     result.not_accepted.extend(indexes)
@@ -291,18 +274,19 @@ class ShardClient:
         if board.state(shard) != status.READY or self.gone:
             raise ShardUnavailable(shard)
         loop = self._start()
+        replies = self._replies
         request_id = next(self._ids)
         deadline = loop.time() + self.read_timeout
         bell = self.bell_fds[shard] if self.bell_fds else -1
-        future = self._waiting[request_id] = loop.create_future()
-        frame = protocol.get_frame(self._address, request_id, product_id)
+        future, address = replies.expect(request_id)
+        frame = protocol.get_frame(address, request_id, product_id)
         try:
             written = await self._write(self.inbox_fds[shard], frame, deadline, bell, loop)
         except SupervisorGone:
-            self._waiting.pop(request_id, None)
+            replies.forget(request_id)
             raise ShardUnavailable(shard) from None
         if not written:
-            self._waiting.pop(request_id, None)
+            replies.forget(request_id)
             raise ShardTimeout(shard)
         if bell >= 0 and (ALWAYS_RING or board.get(shard, status.DOZING)):
             ring(bell)
