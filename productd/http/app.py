@@ -16,6 +16,7 @@ import orjson
 
 from productd.actors.client import ShardClient
 from productd.http import problems
+from productd.http.connection import STARTED
 from productd.http.metrics import Metrics
 from productd.http.problems import Problem
 from productd.http.resources import Events, Health, ProductResource, Ready
@@ -43,9 +44,12 @@ def request_id(req: falcon.Request) -> str:
     New ids are a random per-process prefix and a counter: unique without a syscall per request.
     """
     global _id_prefix
-    rid = req.get_header("X-Request-ID")
-    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
-        return rid
+    for name, value in req.scope["headers"]:  # not req.get_header: that builds a dict of them all
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")
+            if len(rid) <= 128 and rid.isascii() and rid.isprintable():
+                return rid
+            break
     if not _id_prefix:
         _id_prefix = os.urandom(6).hex()
     return f"{_id_prefix}-{next(_ids)}"
@@ -63,11 +67,10 @@ class RequestLog:
         self.stats = stats
         self.access_log = access_log
 
-    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.started = time.perf_counter()
-
     async def process_response(self, req, resp, resource, req_succeeded) -> None:
-        elapsed = time.perf_counter() - req.context.started
+        # The connection notes when the request's head was complete (one middleware hook less).
+        now = time.perf_counter()
+        elapsed = now - req.scope.get(STARTED, now)
         rid = request_id(req)
         resp.set_header("X-Request-ID", rid)
         resp.set_header("X-Productd-Worker", self.worker)

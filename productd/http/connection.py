@@ -20,13 +20,15 @@ reset instead of the response. This protocol adds, per connection:
 - problem+json (RFC 9457) for everything it refuses itself.
 
 Deadlines are checked by one sweep per worker every SWEEP_EVERY seconds, not by a timer per
-request: the fast path only stores a loop time at each phase change.
+request: the fast path only notes the sweep's last loop time at each phase change, so a
+deadline is kept to within SWEEP_EVERY.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from time import perf_counter
 
 import httptools
 import orjson
@@ -46,8 +48,10 @@ SHUTDOWN_GRACE = 1.0  # at a graceful stop, an accepted connection gets this lon
 # Where a connection is in its current request.
 IDLE, HEAD, BODY, BUSY = 0, 1, 2, 3  # waiting | reading the head | reading the body | answering
 
-# A key in the request's ASGI scope: the body did not arrive whole (see `body_cut`).
+# Keys in a request's ASGI scope: the body did not arrive whole, as (status, detail); and the
+# time.perf_counter() at which the request's head was complete (for its duration).
 BODY_CUT = "productd.body_cut"
+STARTED = "productd.started"
 
 
 class Limits:
@@ -58,6 +62,7 @@ class Limits:
     max_connections = 1000
     max_body_bytes = 4 * 1024 * 1024
     max_requests = 1 << 62  # gunicorn's max_requests (with its jitter) for this worker
+    now = 0.0  # loop time as of the last sweep: phase changes note it without a clock call
     requests_done = staticmethod(lambda: None)  # called once when the worker reaches max_requests
 
 
@@ -101,10 +106,9 @@ class Connection(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.phase = IDLE
-        self.since = self.loop.time()
+        self.since = self.limits.now
         self.head_bytes = 0
-        self.header_count = 0
-        self.target_bytes = 0
+        self.chunk = 0
         self.discarded = 0
         self.close_after_body = False
         self.cut_off = False
@@ -136,9 +140,12 @@ class Connection(HttpToolsProtocol):
     # ---- parser callbacks: record the phase, enforce the head limits
 
     def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self.chunk = len(data)
         if self.phase == HEAD:
-            self.head_bytes += len(data)
+            self.head_bytes += self.chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -150,55 +157,58 @@ class Connection(HttpToolsProtocol):
             else:
                 self.refuse(400, "Malformed HTTP request", f"the request is not valid HTTP/1.1: {exc}")
             return
-        if self.phase == HEAD and self.head_bytes > MAX_HEAD_BYTES:
+        if self.phase == HEAD and self.head_bytes > MAX_HEAD_BYTES:  # a head still arriving, already too big
             self.refuse(431, "Request head too large",
                         f"the request line and headers exceed {MAX_HEAD_BYTES} bytes", kind="head-too-large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.phase = HEAD
-        self.since = self.loop.time()
-        self.head_bytes = self.header_count = self.target_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self.target_bytes += len(url)  # and then the headers (on_header): the head's size so far
-        if self.target_bytes > MAX_TARGET_BYTES:
-            self.refusal = (414, "Request target too long",
-                            f"the request target exceeds {MAX_TARGET_BYTES} bytes", "target-too-long")
-            raise ValueError("request target too long")
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_count += 1
-        self.target_bytes += len(name) + len(value) + 4
-        if self.target_bytes > MAX_HEAD_BYTES:
-            self.refusal = (431, "Request head too large",
-                            f"the request line and headers exceed {MAX_HEAD_BYTES} bytes", "head-too-large")
-            raise ValueError("head too large")
-        if self.header_count > MAX_HEADERS:
-            self.refusal = (431, "Too many headers", f"the request has more than {MAX_HEADERS} header fields",
-                            "head-too-large")
-            raise ValueError("too many headers")
-        super().on_header(name, value)
+        self.since = self.limits.now
+        # At least the head's size once it is complete: the chunk it began in, and every later one.
+        self.head_bytes = self.chunk
 
     def on_headers_complete(self) -> None:
-        if self.parser.get_http_version() == "1.1" and not any(name == b"host" for name, _ in self.headers):
-            self.refusal = (400, "Missing Host", "an HTTP/1.1 request must carry a Host header (RFC 9112 3.2)",
-                            "malformed-request")
-            raise ValueError("no Host")
+        # The head limits are checked once it is whole (a head still arriving: data_received), so
+        # that parsing each header costs nothing more.
+        headers = self.headers
+        if len(headers) > MAX_HEADERS:
+            self._refusing(431, "Too many headers", f"the request has more than {MAX_HEADERS} header fields",
+                           "head-too-large")
+        if len(self.url) > MAX_TARGET_BYTES:
+            self._refusing(414, "Request target too long", f"the request target exceeds {MAX_TARGET_BYTES} bytes",
+                           "target-too-long")
+        if self.head_bytes > MAX_HEAD_BYTES and len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > (
+            MAX_HEAD_BYTES
+        ):
+            self._refusing(431, "Request head too large",
+                           f"the request line and headers exceed {MAX_HEAD_BYTES} bytes", "head-too-large")
+        if self.parser.get_http_version() == "1.1":
+            for name, _ in headers:
+                if name == b"host":
+                    break
+            else:
+                self._refusing(400, "Missing Host", "an HTTP/1.1 request must carry a Host header (RFC 9112 3.2)",
+                               "malformed-request")
+        self.scope[STARTED] = perf_counter()  # type: ignore
         super().on_headers_complete()
-        if self.stopping or self.server_state.total_requests >= self.limits.max_requests:
-            self.cycle.keep_alive = False
-        self.phase = BODY
-        self.since = self.loop.time()
-        self.discarded = 0
         cycle = self.cycle
+        if self.stopping or self.server_state.total_requests >= self.limits.max_requests:
+            cycle.keep_alive = False
+        self.phase = BODY
+        self.since = self.limits.now
+        self.discarded = 0
         if cycle.waiting_for_100_continue and self._declared_length() > self.limits.max_body_bytes:
             # The application reads before it routes, which would send 100 Continue: the body is
             # refused unseen instead (the resource answers 413 on Content-Length alone).
             cycle.waiting_for_100_continue = False
             cycle.more_body = False
             cycle.message_event.set()
+
+    def _refusing(self, status: int, title: str, detail: str, kind: str) -> None:
+        """From a parser callback: stop parsing; data_received answers with this."""
+        self.refusal = (status, title, detail, kind)
+        raise ValueError(detail)
 
     def _declared_length(self) -> int:
         for name, value in self.headers:
@@ -229,13 +239,13 @@ class Connection(HttpToolsProtocol):
             return
         if cycle.response_complete:
             self.phase = IDLE
-            self.since = self.loop.time()
+            self.since = self.limits.now
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         if self.phase == BUSY:
             self.phase = IDLE
-            self.since = self.loop.time()
+            self.since = self.limits.now
         super().on_response_complete()
         if self.server_state.total_requests == self.limits.max_requests:
             # uvicorn looks at its request count ten times a second, and a busy worker answers

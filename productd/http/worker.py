@@ -47,6 +47,9 @@ class ProductdWorker(UvicornWorker):
         "lifespan": "off",
         "access_log": False,  # productd logs each request itself (productd.http.app.RequestLog)
         "server_header": False,  # nothing to gain from telling clients what serves them
+        # X-Forwarded-For from 127.0.0.1 would otherwise replace the peer address in the logs: no
+        # proxy is part of productd, and the middleware costs every request.
+        "proxy_headers": False,
     }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -61,6 +64,7 @@ class ProductdWorker(UvicornWorker):
         limits.body_timeout = settings.body_timeout
         limits.max_connections = settings.max_connections
         limits.max_body_bytes = settings.max_body_bytes
+        limits.now = asyncio.get_running_loop().time()
         server = _Server(config=self.config)
         limits.max_requests = self.max_requests  # gunicorn's, with its jitter; sys.maxsize if unset
 
@@ -105,7 +109,7 @@ class ProductdWorker(UvicornWorker):
         connections = server.server_state.connections
         while not stop.is_set():
             await asyncio.sleep(connection.SWEEP_EVERY)
-            now = loop.time()
+            now = connection.Limits.now = loop.time()
             for conn in list(connections):
                 check = getattr(conn, "check", None)
                 if check is not None:
