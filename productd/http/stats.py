@@ -9,7 +9,6 @@ totals never go back and the table never grows: a scrape sums the slots.
 from __future__ import annotations
 
 import mmap
-import threading
 from bisect import bisect_left
 
 ROUTES = ("events", "product", "healthz", "readyz", "metrics", "openapi", "other")
@@ -36,8 +35,8 @@ class HttpStats:
         self._mem = mmap.mmap(-1, 8 * SLOT_FIELDS * slots)
         self._q = memoryview(self._mem).cast("q")
         self._base = 0  # this worker's slot offset
-        # A worker updates its slot from its event loop and, rarely, from a thread (asyncio.to_thread).
-        self._lock = threading.Lock()
+        # No lock: a worker's slot is written only by its event loop (work sent to a thread with
+        # asyncio.to_thread never records), and other processes only read.
 
     # -- in the arbiter
 
@@ -64,15 +63,13 @@ class HttpStats:
         s = _STATUS.get(status, len(STATUSES) - 1)
         bucket = bisect_left(LATENCY_BUCKETS, seconds)
         hist = base + _HIST + r * _HIST_ROW
-        with self._lock:
-            q[base + _REQUESTS + (r * len(METHODS) + m) * len(STATUSES) + s] += 1
-            q[hist + bucket] += 1
-            q[hist + len(LATENCY_BUCKETS) + 1] += int(seconds * 1e6)
-            q[hist + len(LATENCY_BUCKETS) + 2] += 1
+        q[base + _REQUESTS + (r * len(METHODS) + m) * len(STATUSES) + s] += 1
+        q[hist + bucket] += 1
+        q[hist + len(LATENCY_BUCKETS) + 1] += int(seconds * 1e6)
+        q[hist + len(LATENCY_BUCKETS) + 2] += 1
 
     def rejected(self, shard: int, events: int) -> None:
-        with self._lock:
-            self._q[self._base + _REJECTED + shard] += events
+        self._q[self._base + _REJECTED + shard] += events
 
     def late_reply(self) -> None:
         self._q[self._base + _LATE] += 1  # only ever called on the worker's loop
