@@ -28,6 +28,8 @@ from productd.http import connection
 
 log = logging.getLogger("productd.http")
 
+GIL_SWITCH_INTERVAL = 0.0005
+
 
 class _Server(Server):
     def handle_exit(self, sig, frame) -> None:
@@ -57,6 +59,11 @@ class ProductdWorker(UvicornWorker):
         self.config.timeout_graceful_shutdown = max(1, round(self.cfg.graceful_timeout))
 
     async def _serve(self) -> None:
+        # Big bodies are parsed in a thread (productd.http.resources): with the default 5 ms switch
+        # interval the loop waited that long for the GIL at every step of every other request.
+        # Measured, GET p99 at 32 connections while 2 clients posted 10,000-event bodies: 87 ms at
+        # 5 ms, 41 ms at 0.5 ms (306 ms with the bodies parsed on the loop).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.config.app = self.wsgi  # loads productd's app (GunicornServer.load) in this worker
         settings = self.app.settings
         limits = connection.Limits
