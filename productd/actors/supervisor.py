@@ -26,10 +26,11 @@ from productd.actors import protocol, status
 from productd.actors.inbox import Inbox, ring, write_frame
 from productd.actors.listeners import ListenError, listen
 from productd.actors.routing import shard_for
-from productd.actors.shard import Shard
+from productd.actors.shard import EXIT_LOST, EXIT_SAVED, Shard
 from productd.actors.status import StatusBoard
 from productd.actors.systemd import notify_systemd
 from productd.config import DEFAULT_SHARDS
+from productd.store import recovery
 from productd.store.datadir import DataDir, DataDirError
 from productd.store.sqlite import ShardFile, StoreFileError
 
@@ -39,6 +40,12 @@ STARTUP_POLL = 0.05
 EXIT_SOFTWARE = 70  # a shard that raised
 EXTEND_EVERY = 10.0  # seconds between systemd start-timeout extensions while loading
 EXTEND_BY_USEC = 30_000_000
+# Room each shard keeps allocated for its recovery file: what a shard holds uncommitted when its
+# disk fills is about one commit interval of changes plus a full inbox, and a saved record takes
+# about the bytes of the event that made it.
+RECOVERY_RESERVE_MIN = 64 * 1024
+# The service's exit code after a stop: the most serious of what happened wins.
+_EXIT_SEVERITY = (0, 1, EXIT_SAVED, EXIT_LOST)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class Supervisor:
         self.stop_sent = False
         self.exit_code = 0
         self.stopped: set[int] = set()
+        self.unsaved: set[int] = set()  # shards that stopped without committing everything
         self.restart_at: dict[int, float] = {}
         self.recent_deaths: dict[int, list[float]] = {}
         self.ready_announced = False
@@ -97,7 +105,8 @@ class Supervisor:
             for path in self.shard_paths:
                 if os.path.exists(path):
                     ShardFile.check(path)  # a bad file is named here, before anything forks
-        except (DataDirError, StoreFileError) as exc:
+                recovery.read(recovery.path_for(path))
+        except (DataDirError, StoreFileError, recovery.RecoveryFileError) as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"data dir {data.path}: {exc}") from None
@@ -194,6 +203,7 @@ class Supervisor:
             shard, inbox.read_fd, self.board,
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
             bell_fd=inbox.bell_read_fd, apply_delay=0.0 if s.durability == "sync" else s.apply_delay,
+            stop_timeout=s.graceful_timeout, recovery_reserve=max(RECOVERY_RESERVE_MIN, 2 * inbox.capacity),
         ).run()
 
     def _start_frontend(self) -> None:
@@ -252,7 +262,11 @@ class Supervisor:
             if self.stopping:
                 self._advance_stop()
                 if len(self.stopped) == self.settings.shards and not self.arbiter_pid:
-                    log.info("stopped: every shard drained its inbox")
+                    if self.unsaved:
+                        log.error("stopped with uncommitted changes in shard(s) %s: see each shard's line above",
+                                  sorted(self.unsaved))
+                    else:
+                        log.info("stopped: every shard drained its inbox")
                     return self.exit_code
 
     def _extend_start_timeout(self) -> None:
@@ -287,7 +301,7 @@ class Supervisor:
                 self._kill_group(pid)
                 if not self.stopping:
                     log.error("gunicorn arbiter %s; stopping the service", how)
-                    self.exit_code = 1
+                    self._fail(1)
                     self._begin_stop("the HTTP server died")
                 else:
                     log.info("gunicorn stopped (%s)", how)
@@ -296,9 +310,15 @@ class Supervisor:
 
     def _shard_exited(self, shard: int, pid: int, wstatus: int, how: str) -> None:
         board = self.board
-        if self.stop_sent and os.waitstatus_to_exitcode(wstatus) == 0:
+        code = os.waitstatus_to_exitcode(wstatus)
+        if self.stop_sent and code in (0, EXIT_SAVED, EXIT_LOST):
+            # A shard that stopped but could not commit is not a crashed one: a restart would
+            # reload its last commit over what it had applied. It said what it did with them.
             board.set(shard, status.STATE, status.STOPPED)
             self.stopped.add(shard)
+            if code:
+                self.unsaved.add(shard)
+                self._fail(code)
             return
         board.set(shard, status.STATE, status.DEAD)
         if not self.ready_announced and not self.stopping:
@@ -320,6 +340,10 @@ class Supervisor:
         self.restart_at[shard] = now + delay
 
     # ---- stop ----------------------------------------------------------------------------
+
+    def _fail(self, code: int) -> None:
+        if _EXIT_SEVERITY.index(code) > _EXIT_SEVERITY.index(self.exit_code):
+            self.exit_code = code
 
     def _begin_stop(self, why: str) -> None:
         if self.stopping:
