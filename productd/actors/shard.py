@@ -135,7 +135,11 @@ class Shard:
                     extra={"fields": {"shard": self.id, "recovered_products": len(records)}})
 
     def run(self) -> int:
-        """Load, then serve until a STOP message; returns the process exit code."""
+        """Load, then serve until a STOP message; returns the process exit code.
+
+        Each turn: wait (on the inbox, or on the doorbell while dozing), read and apply what
+        came, then decide whether to doze before the next read.
+        """
         board, sid = self.board, self.id
         board.beat(sid)
         self.load()
@@ -144,62 +148,80 @@ class Shard:
         board.beat(sid)
         board.set(sid, status.STATE, status.READY)
         log.info("shard %d ready with %d products", sid, len(self.store))
-        fd, bell = self.inbox_fd, self.bell_fd
-        os.set_blocking(fd, False)
-        awake, dozing_poll = select.poll(), select.poll()
-        awake.register(fd, select.POLLIN)
-        if bell >= 0:
-            awake.register(bell, select.POLLIN)
-            dozing_poll.register(bell, select.POLLIN)
-        delay = self.apply_delay if bell >= 0 else 0.0
-        dozing = recheck = False
-        doze_until = 0.0
-        stale_reported, next_stale_report = board.get(sid, status.STALE), time.monotonic() + STALE_REPORT_EVERY
+        os.set_blocking(self.inbox_fd, False)
+        self._awake, self._dozing_poll = select.poll(), select.poll()
+        self._awake.register(self.inbox_fd, select.POLLIN)
+        if self.bell_fd >= 0:
+            self._awake.register(self.bell_fd, select.POLLIN)
+            self._dozing_poll.register(self.bell_fd, select.POLLIN)
+        self.dozing = self.recheck = False
+        self.doze_until = 0.0
+        self._stale_reported = board.get(sid, status.STALE)
+        self._next_stale_report = time.monotonic() + STALE_REPORT_EVERY
         while True:
             board.beat(sid)
-            now = time.monotonic()
-            if now >= next_stale_report:
-                stale = board.get(sid, status.STALE)
-                if stale > stale_reported:
-                    log.info("shard %d ignored %d stale events (version not newer than stored) in the last %.0fs",
-                             sid, stale - stale_reported, STALE_REPORT_EVERY,
-                             extra={"fields": {"shard": sid, "stale": stale - stale_reported, "stale_total": stale}})
-                stale_reported, next_stale_report = stale, now + STALE_REPORT_EVERY
-            checking, recheck = recheck, False
-            if not checking:
-                wake_at = now + IDLE_TICK
-                if self.dirty:
-                    wake_at = min(wake_at, self.next_commit)
-                if dozing:
-                    wake_at = min(wake_at, doze_until)
-                # +1: poll counts whole milliseconds, and waking a little early would spin
-                ready = (dozing_poll if dozing else awake).poll(max(0, int((wake_at - now) * 1000) + 1))
-                rang = False
-                for ready_fd, _ in ready:
-                    if ready_fd == bell:
-                        rang = silence(bell)
-                if dozing and not rang and time.monotonic() < doze_until:
-                    self.commit_if_due()  # a heartbeat or a commit while the events gather
-                    continue
-            try:
-                data = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                data = b""
-            if data:
-                if self.handle(self.reader.feed(data)):
-                    return self.finish()
-                # Only events came: let the next ones gather, unless a reader or a sync writer waits.
-                doze = delay > 0 and not self.reads_answered and not self.pending_acks
-                recheck = len(data) == READ_CHUNK  # more may be queued already
-                doze_until = time.monotonic() + delay
-            else:
-                doze = dozing and checking  # a doze that brought nothing means the writes stopped
-            if doze != dozing:
-                dozing = doze
-                board.set(sid, status.DOZING, int(dozing))
-                # A reader who queued a frame before the flag went up did not ring: look once more.
-                recheck = recheck or dozing
+            self._report_stale()
+            checking, self.recheck = self.recheck, False
+            if not checking and not self._wait():
+                self.commit_if_due()  # a heartbeat or a commit while the events gather
+                continue
+            data = self._read()
+            if data and self.handle(self.reader.feed(data)):
+                return self.finish()
+            self._decide_doze(data, checking)
             self.commit_if_due()
+
+    def _wait(self) -> bool:
+        """Sleep until the inbox (or, dozing, the doorbell) has something, a commit is due or a
+        heartbeat; False when a doze should go on (nobody rang and its time is not up)."""
+        now = time.monotonic()
+        wake_at = now + IDLE_TICK
+        if self.dirty:
+            wake_at = min(wake_at, self.next_commit)
+        if self.dozing:
+            wake_at = min(wake_at, self.doze_until)
+        # +1: poll counts whole milliseconds, and waking a little early would spin
+        ready = (self._dozing_poll if self.dozing else self._awake).poll(max(0, int((wake_at - now) * 1000) + 1))
+        rang = False
+        for ready_fd, _ in ready:
+            if ready_fd == self.bell_fd:
+                rang = silence(self.bell_fd)
+        return not self.dozing or rang or time.monotonic() >= self.doze_until
+
+    def _read(self) -> bytes:
+        try:
+            return os.read(self.inbox_fd, READ_CHUNK)
+        except BlockingIOError:
+            return b""
+
+    def _decide_doze(self, data: bytes, checking: bool) -> None:
+        """Doze after a read that held only events (nobody waits for an answer); wake up when a
+        doze brought nothing, which means the writes stopped."""
+        delay = self.apply_delay if self.bell_fd >= 0 else 0.0
+        if data:
+            doze = delay > 0 and not self.reads_answered and not self.pending_acks
+            self.recheck = len(data) == READ_CHUNK  # more may be queued already
+            self.doze_until = time.monotonic() + delay
+        else:
+            doze = self.dozing and checking
+        if doze != self.dozing:
+            self.dozing = doze
+            self.board.set(self.id, status.DOZING, int(doze))
+            # A reader who queued a frame before the flag went up did not ring: look once more.
+            self.recheck = self.recheck or doze
+
+    def _report_stale(self) -> None:
+        """Stale events are logged as a summary every STALE_REPORT_EVERY seconds, not one line each."""
+        now = time.monotonic()
+        if now < self._next_stale_report:
+            return
+        sid = self.id
+        stale = self.board.get(sid, status.STALE)
+        if stale > self._stale_reported:
+            log.info("shard %d ignored %d stale events (version not newer than stored) in the last %.0fs",
+                     sid, stale - self._stale_reported, STALE_REPORT_EVERY,
+                     extra={"fields": {"shard": sid, "stale": stale - self._stale_reported, "stale_total": stale}})
+        self._stale_reported, self._next_stale_report = stale, now + STALE_REPORT_EVERY
 
     def commit_if_due(self) -> None:
         if self.pending_acks or (self.dirty and time.monotonic() >= self.next_commit):
@@ -229,10 +251,7 @@ class Shard:
         poller = select.poll()
         poller.register(self.inbox_fd, select.POLLIN)
         if poller.poll(max(1, int(seconds * 1000))):
-            try:
-                data = os.read(self.inbox_fd, READ_CHUNK)
-            except BlockingIOError:
-                data = b""
+            data = self._read()
             if data:
                 self.handle(self.reader.feed(data))
 
