@@ -98,9 +98,6 @@ class ShardFile:
             self.db.close()
             self.db = None
 
-    def count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
-
     def rows(self) -> Iterator[tuple[str, bytes]]:
         """Every product as (id, packed record)."""
         try:
