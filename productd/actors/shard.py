@@ -46,7 +46,7 @@ class Shard:
     inbox, so the writes that come meanwhile cost the front end no wake-up and the shard one
     read for all of them. A reader rings the bell after queuing its frame, so every read is
     still answered at once and behind every event queued before it. Waking a shard per single
-    event cost more CPU than applying it (README, "Apply delay").
+    event cost more CPU than applying it (docs/design.md, "Apply delay").
     """
 
     def __init__(
