@@ -34,11 +34,6 @@ def _run_ns(pid: int) -> int:
     return total
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-        return int(f.read().rpartition(")")[2].split()[1])
-
-
 def _server(target: str) -> live.Server:
     name, _, args = target.partition(":")
     if name == "productd":
@@ -59,7 +54,7 @@ def measure(server: live.Server, load: str, seconds: float) -> str:
         us = (_run_ns(pid) - before[pid]) / 1e3 / n
         # productd: the supervisor's children are the shards and the gunicorn arbiter (which
         # idles); everything below the arbiter is a worker. Baselines: all workers.
-        role = "shards" if server.name == "productd" and _parent(pid) == server.proc.pid else "workers"
+        role = "shards" if server.name == "productd" and live.service.parent(pid) == server.proc.pid else "workers"
         roles[role] = roles.get(role, 0.0) + us
     generator = ((t1.children_user + t1.children_system) - (t0.children_user + t0.children_system)) * 1e6 / n
     total = sum(roles.values()) + generator

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -38,7 +39,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,10 +47,30 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from productd.config import Settings
+
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 LUA_DIR = BENCH_DIR / "lua"
+
+
+def _load_test_service():
+    """tests/service.py: the one copy of the helpers that start and inspect a real server (the
+    checkout on PYTHONPATH, the readiness poll, the /proc scans, VmRSS), shared with the tests
+    instead of kept twice. The bench always runs from a checkout, so the file is there; tests/ is
+    not a package (pytest puts the directory itself on sys.path, as `service`), so load it by path
+    under a name of its own rather than put tests/ on the bench's sys.path."""
+    spec = importlib.util.spec_from_file_location("productd_test_service", REPO_ROOT / "tests" / "service.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+service = _load_test_service()
+free_port = service.free_port
+descendants = service.descendants
 
 N_PRODUCTS = 10_000  # the GET and mix loads read these; the harness preloads them
 BATCH = 1_000  # events per bulk request
@@ -78,63 +98,17 @@ def product_id(i: int) -> str:
 # --------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def gunicorn_settings() -> dict:
     """Workers and worker classes of the servers.
 
-    productd's worker count comes from productd.config.Settings when it is importable; BENCH_* env vars win.
+    productd's worker count comes from productd.config.Settings; BENCH_* env vars win.
     """
-    workers = os.cpu_count() or 1
-    try:
-        from productd.config import Settings  # type: ignore[import-not-found]
-
-        workers = getattr(Settings(), "workers", workers) or workers
-    except Exception:  # noqa: BLE001 - productd may not exist yet, or may need arguments
-        pass
     return {
-        "workers": env_int("BENCH_WORKERS", int(workers)),
+        "workers": env_int("BENCH_WORKERS", Settings().workers),
         "asgi_worker_class": os.environ.get("BENCH_ASGI_WORKER_CLASS") or "bench.baselines.ceiling.Worker",
         "wsgi_workers": env_int("BENCH_WSGI_WORKERS", 2 * (os.cpu_count() or 1)),
         "wsgi_threads": env_int("BENCH_WSGI_THREADS", 2),
     }
-
-
-def _children_of() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below pid (gunicorn's arbiter may sit in its own process group)."""
-    tree, out, todo = _children_of(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Server:
@@ -160,8 +134,7 @@ class Server:
         return f"http://{HOST}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> Server:
-        env = {**os.environ, **self.extra_env}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env = service.checkout_env({**os.environ, **self.extra_env})
         self.proc = subprocess.Popen(
             self.argv,
             cwd=REPO_ROOT,
@@ -179,20 +152,8 @@ class Server:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                status, _, _ = request("GET", self.port, self.ready_path, timeout=2.0)
-                if status in self.ready_statuses:
-                    return
-                last = f"status {status}"
-            except OSError as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s ({last}):\n{self.log_tail()}")
+        service.wait_ready(self.port, self.proc, timeout, path=self.ready_path, statuses=self.ready_statuses,
+                           log_tail=self.log_tail, name=self.name)
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -213,10 +174,10 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
         deadline = time.monotonic() + 5
-        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+        while any(service.alive(p) for p in tree) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in tree:
-            if _alive(pid):
+            if service.alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

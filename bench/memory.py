@@ -35,6 +35,7 @@ import threading
 import time
 
 from bench import live
+from productd.actors.routing import shard_for
 
 CHUNK = 10_000  # events per request: productd's default --max-events
 
@@ -54,17 +55,9 @@ def readyz(port: int) -> dict:
     return doc
 
 
-def vm_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def shard_rss(port: int) -> tuple[int, list[int]]:
     pids = [s["pid"] for s in readyz(port)["shards"]]
-    return sum(vm_rss_bytes(p) for p in pids), pids
+    return sum(live.service.rss_bytes(p) for p in pids), pids
 
 
 def shard_products(port: int) -> int:
@@ -101,14 +94,6 @@ def load_products(port: int, n: int, threads: int = 2) -> float:
 
 
 def owned_product(shard: int, shards: int, n: int) -> str:
-    try:
-        from productd.actors.routing import shard_for
-    except ImportError:
-        import zlib
-
-        def shard_for(product_id: str, count: int) -> int:
-            return zlib.crc32(product_id.encode()) % count
-
     return next(memory_id(i) for i in range(n) if shard_for(memory_id(i), shards) == shard)
 
 
@@ -188,9 +173,7 @@ def run(n: int | None = None, log=print) -> dict:
             out["restart_product"] = product
             log(f"shard 0 back: {out}")
             # wait until the restarted shard is ready again, so that the stop below drains cleanly
-            deadline = time.monotonic() + 120
-            while readyz(port)["http_status"] != 200 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            live.service.wait_ready(port, server.proc, 120, log_tail=server.log_tail)
             expected = shard_products(port)
         finally:
             server.stop()

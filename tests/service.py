@@ -2,6 +2,9 @@
 
 Everything here talks to the service the way a user or an operator would: a
 subprocess, HTTP on 127.0.0.1, signals, and /proc. Nothing imports productd.
+
+This is also the one copy of the helpers the bench needs for its servers (the environment, the
+readiness poll, the /proc scans, VmRSS): bench/live.py loads this file rather than keeping its own.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import requests
@@ -104,6 +107,62 @@ def alive(pid: int) -> bool:
     return st is not None and st[2] != "Z"
 
 
+def parent(pid: int) -> int | None:
+    """The parent pid of a process, or None if it is gone."""
+    st = _read_stat(pid)
+    return None if st is None else st[0]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, by parent links (gunicorn's arbiter has a process group of its own)."""
+    tree: dict[int, list[int]] = {}
+    for child in _live_pids(lambda _ppid, _session: True):
+        ppid = parent(child)
+        if ppid is not None:
+            tree.setdefault(ppid, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the session `proc` leads, and reap `proc` (safe to call more than once)."""
+    sid = proc.pid
+    for _ in range(100):
+        pids = session_pids(sid)
+        if proc.poll() is None and sid not in pids:
+            pids.append(sid)
+        if not pids:
+            break
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(POLL)
+
+
+def session_leftovers(sid: int, settle: float = 10.0) -> list[int]:
+    """Processes of session `sid` still alive after its leader exited.
+
+    Orphans are re-parented and reaped asynchronously: give them `settle` seconds to go.
+    """
+    end = time.monotonic() + settle
+    left = session_pids(sid)
+    while left and time.monotonic() < end:
+        time.sleep(POLL)
+        left = session_pids(sid)
+    return left
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -179,6 +238,54 @@ def raw_request(
 # ---------------------------------------------------------------- the service
 
 
+def checkout_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with the checkout under test first on
+    PYTHONPATH, so that `python -m productd` runs this repository even where it is not installed."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def service_env(durability: str = "none", extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a productd under test gets: this process's without its PRODUCTD_* settings,
+    unbuffered, the checkout first on PYTHONPATH, PRODUCTD_DURABILITY, and then `extra`."""
+    env = checkout_env({k: v for k, v in os.environ.items() if not k.startswith("PRODUCTD_")})
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PRODUCTD_DURABILITY"] = durability
+    env.update(extra or {})
+    return env
+
+
+def wait_ready(
+    port: int,
+    proc: subprocess.Popen | None = None,
+    deadline: float = READY_DEADLINE,
+    path: str = "/readyz",
+    statuses: Iterable[int] = (200,),
+    log_tail: Callable[[], str] = str,
+    name: str = "productd",
+) -> bytes:
+    """Poll GET `path` on 127.0.0.1:`port` until it answers one of `statuses`; return the body.
+
+    Fails (ServiceError, with `log_tail()`) if `proc` exits first or the deadline passes.
+    """
+    wanted = set(statuses)
+    end = time.monotonic() + deadline
+    last = "no answer"
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"{name} exited with {proc.returncode} before ready\n{log_tail()}")
+        try:
+            status, _, data = raw_request(port, "GET", path, timeout=5)
+            if status in wanted:
+                return data
+            last = f"{status} {data[:500]!r}"
+        except (OSError, http.client.HTTPException) as e:
+            last = repr(e)
+        time.sleep(POLL)
+    raise ServiceError(f"{name}: GET {path} not {sorted(wanted)} within {deadline}s (last: {last})\n{log_tail()}")
+
+
 class Productd:
     """One `python -m productd serve` in its own session, with its log under `log_dir`."""
 
@@ -220,13 +327,8 @@ class Productd:
         ]  # fmt: skip
 
     def start(self) -> Productd:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTD_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        # Run the checkout under test even when it is not installed.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         # These tests are about the memory-only service (issue 2): state of a killed shard is lost.
-        env["PRODUCTD_DURABILITY"] = "none"
-        env.update(self.env or {})
+        env = service_env("none", self.env)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # the child keeps its own copy of the descriptor
         try:
@@ -254,20 +356,7 @@ class Productd:
 
     def wait_ready(self, deadline: float = READY_DEADLINE) -> dict:
         """Poll GET /readyz until 200; fail with the log if the process exits or the deadline passes."""
-        end = time.monotonic() + deadline
-        last = "no answer"
-        while time.monotonic() < end:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise ServiceError(f"productd exited with {self.proc.returncode} before ready\n{self.log_tail()}")
-            try:
-                r = requests.get(self.url + "/readyz", timeout=(1, 5))
-                if r.status_code == 200:
-                    return r.json()
-                last = f"{r.status_code} {r.text[:500]}"
-            except requests.RequestException as e:
-                last = repr(e)
-            time.sleep(POLL)
-        raise ServiceError(f"/readyz not 200 within {deadline}s (last: {last})\n{self.log_tail()}")
+        return json.loads(wait_ready(self.port, self.proc, deadline, log_tail=self.log_tail))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the supervisor and wait for it; return its exit code (kills the session on timeout)."""
@@ -284,16 +373,8 @@ class Productd:
         return self.returncode
 
     def leftovers(self, settle: float = 10.0) -> list[int]:
-        """Processes of the service's session still alive after the supervisor exited.
-
-        Orphans are re-parented and reaped asynchronously: give them `settle` seconds to go.
-        """
-        end = time.monotonic() + settle
-        left = session_pids(self.pid)
-        while left and time.monotonic() < end:
-            time.sleep(POLL)
-            left = session_pids(self.pid)
-        return left
+        """Processes of the service's session still alive after the supervisor exited."""
+        return session_leftovers(self.pid, settle)
 
     def assert_no_leftovers(self) -> None:
         left = self.leftovers()
@@ -309,26 +390,8 @@ class Productd:
 
     def kill(self) -> None:
         """SIGKILL every process of the session (teardown; safe to call more than once)."""
-        if self.proc is None:
-            return
-        sid = self.proc.pid
-        for _ in range(100):
-            pids = session_pids(sid)
-            if self.proc.poll() is None and sid not in pids:
-                pids.append(sid)
-            if not pids:
-                break
-            for p in pids:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            if self.proc.poll() is None:
-                try:
-                    self.proc.wait(timeout=1)
-                except subprocess.TimeoutExpired:
-                    pass
-            time.sleep(POLL)
+        if self.proc is not None:
+            kill_session(self.proc)
 
     # -- inspection
 

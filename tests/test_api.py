@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
-from service import SHARD_SERIES, TIMEOUT, assert_problem, children, parse_metrics, pointers, raw_request, uid
+from service import SHARD_SERIES, TIMEOUT, assert_problem, children, parse_metrics, raw_request, uid
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 PRODUCT_KEYS = {"product_id", "price", "stock", "version", "updated_at"}
@@ -165,8 +165,7 @@ def test_integral_floats_are_integers(service):
 
 def test_unknown_product_404(service):
     r = service.get(uid("nobody"))
-    body = assert_problem(r, 404)
-    assert "errors" not in body or body["errors"]
+    assert_problem(r, 404)
 
 
 def test_partial_updates_merge(service):
@@ -271,8 +270,7 @@ def test_problem_shape_on_errors(service, method, path, body, headers, status):
     problem = assert_problem(resp, status)
     assert resp[1].get("x-productd-worker"), resp[1]
     if status == 422:
-        assert problem["errors"], problem
-        assert pointers(problem), problem
+        assert problem["errors"], problem  # assert_problem checked that each error has a pointer
 
 
 def test_keep_alive_connections_are_spread_over_the_workers(service):

@@ -3,14 +3,13 @@ and the token never reaches the log."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
 
 import pytest
 import requests
-from service import REPO_ROOT, TIMEOUT, assert_problem, free_port, uid
+from service import TIMEOUT, assert_problem, free_port, service_env, uid
 
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 
@@ -77,9 +76,7 @@ def test_auth_reads_protects_product_reads(start_service, tmp_path, token):
 
 
 def _serve_with_token_file(tmp_path, token_path: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTD_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    env["PRODUCTD_DURABILITY"] = "none"
+    env = service_env("none")
     argv = [sys.executable, "-m", "productd", "serve", "--bind", f"127.0.0.1:{free_port()}",
             "--shards", "1", "--workers", "1", "--auth-token-file", token_path]
     # A service that starts anyway would run until the deadline: the timeout makes that a failure.

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -22,22 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from service import POLL, REPO_ROOT, Productd, free_port, session_pids, uid
+from service import POLL, Productd, free_port, kill_session, service_env, session_leftovers, uid
 
 REFUSAL_DEADLINE = 60.0  # only so a start that hangs fails instead of blocking the suite
 NOT_COMPARED_SUFFIXES = ("productd.lock", "-shm")
 
 
 # ---------------------------------------------------------------- helpers (also used by test_durability)
-
-
-def service_env(durability: str = "batch") -> dict[str, str]:
-    """The environment tests/service.py gives productd, with a durable mode."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTD_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PRODUCTD_DURABILITY"] = durability
-    return env
 
 
 @dataclass
@@ -94,17 +84,11 @@ def refused_start(cwd: Path, data_dir: Path, *args: str, durability: str = "batc
         out, err = proc.communicate(timeout=REFUSAL_DEADLINE)
     finally:
         if proc.poll() is None:
-            for p in session_pids(proc.pid) or [proc.pid]:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_session(proc)
             proc.communicate()
     stderr = err.decode(errors="replace")
-    end = time.monotonic() + 10
-    while session_pids(proc.pid) and time.monotonic() < end:
-        time.sleep(POLL)
-    assert session_pids(proc.pid) == [], f"processes left behind by a refused start: {session_pids(proc.pid)}"
+    left = session_leftovers(proc.pid, 10)
+    assert left == [], f"processes left behind by a refused start: {left}"
     return Refusal(proc.returncode, stderr, proc.pid, _startup_error(stderr))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from service import TIMEOUT, ServiceError, session_pids, uid
+from service import TIMEOUT, ServiceError, session_leftovers, session_pids, uid
 from test_datadir import changes, committed_rows, refused_start, shard_rows, tree_state
 
 JOIN_DEADLINE = 60.0  # seconds; only so a wedged client thread fails the test
@@ -76,11 +76,9 @@ def crash(svc) -> None:
         except ProcessLookupError:
             pass
     svc.kill()  # reaps the supervisor, sweeps anything forked meanwhile
-    end = time.monotonic() + 30
-    while session_pids(sid):
-        if time.monotonic() > end:
-            raise ServiceError(f"processes of a killed service still alive: {session_pids(sid)}")
-        time.sleep(0.05)
+    left = session_leftovers(sid, 30)
+    if left:
+        raise ServiceError(f"processes of a killed service still alive: {left}")
 
 
 def salt(product_id: str) -> int:

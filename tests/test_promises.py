@@ -1,4 +1,5 @@
-"""The six promises of DESIGN.md, each tested through real HTTP against a running productd.
+"""The six promises of docs/design.md ("Promises, and the tests that hold them"), each tested
+through real HTTP against a running productd.
 
 (5, nothing acknowledged is lost, is also exercised by test_stress.py: floods, killed shards, SIGTERM.)
 """

@@ -17,8 +17,10 @@ import time
 from productd.actors import protocol, status
 from productd.actors.inbox import silence
 from productd.actors.status import StatusBoard
+from productd.store import recovery
 from productd.store.memory import ShardStore
-from productd.store.sqlite import ShardFile
+from productd.store.record import unpack_fields
+from productd.store.sqlite import ShardFile, StoreFileError
 
 log = logging.getLogger("productd.shard")
 
@@ -27,7 +29,9 @@ IDLE_TICK = 1.0  # heartbeat period of an idle shard, seconds
 RETRY_COMMIT = 1.0  # seconds between attempts after a failed commit
 LOAD_REPORT_EVERY = 100_000
 STALE_REPORT_EVERY = 10.0  # seconds: stale events are logged as a summary, not one line each
-STOP_COMMIT_TRIES = 10
+# Exit codes of a shard that was told to stop but could not commit everything it had applied.
+EXIT_SAVED = 75  # EX_TEMPFAIL: the changes are in its recovery file; the next start commits them
+EXIT_LOST = 74  # EX_IOERR: they could not be saved anywhere either; the log says how many were lost
 
 
 class Shard:
@@ -42,7 +46,7 @@ class Shard:
     inbox, so the writes that come meanwhile cost the front end no wake-up and the shard one
     read for all of them. A reader rings the bell after queuing its frame, so every read is
     still answered at once and behind every event queued before it. Waking a shard per single
-    event cost more CPU than applying it (README, "Apply delay").
+    event cost more CPU than applying it (docs/design.md, "Apply delay").
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class Shard:
         commit_interval: float = 0.05,
         bell_fd: int = -1,
         apply_delay: float = 0.0,
+        stop_timeout: float = 30.0,
+        recovery_reserve: int = 0,
     ) -> None:
         self.id = shard_id
         self.inbox_fd = inbox_fd
@@ -70,6 +76,11 @@ class Shard:
         self.commit_interval = commit_interval
         self.file = ShardFile(path, sync=durability == "sync") if durability != "none" and path else None
         self.dirty: set[str] = set()
+        self.uncommitted_events = 0  # applied events behind `dirty`, for the log of a stop that cannot commit
+        self.stop_timeout = stop_timeout
+        self.recovery_reserve = recovery_reserve
+        self.recovery = recovery.RecoveryFile(recovery.path_for(path)) if self.file is not None else None
+        self.last_commit_error = ""
         self.pending_acks: list[tuple[bytes, int]] = []
         self.next_commit = 0.0
         self.commit_failing = False
@@ -88,9 +99,47 @@ class Shard:
                 log.info("shard %d loading: %d products so far", sid, count)
         log.info("shard %d loaded %d products from %s in %.2fs",
                  sid, len(store), self.file.path, time.monotonic() - started)
+        self._apply_recovery()
+        try:
+            self.recovery.reserve(self.recovery_reserve)
+        except OSError as exc:
+            log.warning("shard %d cannot reserve %d bytes for its recovery file %s: %s; until it can, a stop "
+                        "while the disk is full may lose the changes it has not committed yet",
+                        sid, self.recovery_reserve, self.recovery.path, exc.strerror)
+
+    def _apply_recovery(self) -> None:
+        """Commit what a stop that could not commit left in the recovery file, then empty it.
+
+        A record applies only if it is newer than the committed one, so applying the file twice
+        (a crash between the commit and the clear) changes nothing.
+        """
+        records = recovery.read(self.recovery.path)
+        if not records:
+            return
+        store = self.store
+        for product_id, packed in records:
+            current = store.get_packed(product_id)
+            if current is None or unpack_fields(current)[3] < unpack_fields(packed)[3]:
+                store.load(product_id, packed)
+        try:
+            self.file.save((product_id, store.get_packed(product_id)) for product_id, _ in records)
+        except Exception as exc:
+            raise StoreFileError(
+                f"shard {self.id} cannot commit the {len(records)} products of its recovery file "
+                f"{self.recovery.path} to {self.file.path}: {exc}; free space or fix the disk and start again "
+                "(the file stays until its products are committed)"
+            ) from exc
+        self.recovery.clear()
+        log.warning("shard %d committed %d products from its recovery file %s, left by a stop that could not "
+                    "commit them", self.id, len(records), self.recovery.path,
+                    extra={"fields": {"shard": self.id, "recovered_products": len(records)}})
 
     def run(self) -> int:
-        """Load, then serve until a STOP message; returns the process exit code."""
+        """Load, then serve until a STOP message; returns the process exit code.
+
+        Each turn: wait (on the inbox, or on the doorbell while dozing), read and apply what
+        came, then decide whether to doze before the next read.
+        """
         board, sid = self.board, self.id
         board.beat(sid)
         self.load()
@@ -99,77 +148,130 @@ class Shard:
         board.beat(sid)
         board.set(sid, status.STATE, status.READY)
         log.info("shard %d ready with %d products", sid, len(self.store))
-        fd, bell = self.inbox_fd, self.bell_fd
-        os.set_blocking(fd, False)
-        awake, dozing_poll = select.poll(), select.poll()
-        awake.register(fd, select.POLLIN)
-        if bell >= 0:
-            awake.register(bell, select.POLLIN)
-            dozing_poll.register(bell, select.POLLIN)
-        delay = self.apply_delay if bell >= 0 else 0.0
-        dozing = recheck = False
-        doze_until = 0.0
-        stale_reported, next_stale_report = board.get(sid, status.STALE), time.monotonic() + STALE_REPORT_EVERY
+        os.set_blocking(self.inbox_fd, False)
+        self._awake, self._dozing_poll = select.poll(), select.poll()
+        self._awake.register(self.inbox_fd, select.POLLIN)
+        if self.bell_fd >= 0:
+            self._awake.register(self.bell_fd, select.POLLIN)
+            self._dozing_poll.register(self.bell_fd, select.POLLIN)
+        self.dozing = self.recheck = False
+        self.doze_until = 0.0
+        self._stale_reported = board.get(sid, status.STALE)
+        self._next_stale_report = time.monotonic() + STALE_REPORT_EVERY
         while True:
             board.beat(sid)
-            now = time.monotonic()
-            if now >= next_stale_report:
-                stale = board.get(sid, status.STALE)
-                if stale > stale_reported:
-                    log.info("shard %d ignored %d stale events (version not newer than stored) in the last %.0fs",
-                             sid, stale - stale_reported, STALE_REPORT_EVERY,
-                             extra={"fields": {"shard": sid, "stale": stale - stale_reported, "stale_total": stale}})
-                stale_reported, next_stale_report = stale, now + STALE_REPORT_EVERY
-            checking, recheck = recheck, False
-            if not checking:
-                wake_at = now + IDLE_TICK
-                if self.dirty:
-                    wake_at = min(wake_at, self.next_commit)
-                if dozing:
-                    wake_at = min(wake_at, doze_until)
-                # +1: poll counts whole milliseconds, and waking a little early would spin
-                ready = (dozing_poll if dozing else awake).poll(max(0, int((wake_at - now) * 1000) + 1))
-                rang = False
-                for ready_fd, _ in ready:
-                    if ready_fd == bell:
-                        rang = silence(bell)
-                if dozing and not rang and time.monotonic() < doze_until:
-                    self.commit_if_due()  # a heartbeat or a commit while the events gather
-                    continue
-            try:
-                data = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                data = b""
-            if data:
-                if self.handle(self.reader.feed(data)):
-                    return self.finish()
-                # Only events came: let the next ones gather, unless a reader or a sync writer waits.
-                doze = delay > 0 and not self.reads_answered and not self.pending_acks
-                recheck = len(data) == READ_CHUNK  # more may be queued already
-                doze_until = time.monotonic() + delay
-            else:
-                doze = dozing and checking  # a doze that brought nothing means the writes stopped
-            if doze != dozing:
-                dozing = doze
-                board.set(sid, status.DOZING, int(dozing))
-                # A reader who queued a frame before the flag went up did not ring: look once more.
-                recheck = recheck or dozing
+            self._report_stale()
+            checking, self.recheck = self.recheck, False
+            if not checking and not self._wait():
+                self.commit_if_due()  # a heartbeat or a commit while the events gather
+                continue
+            data = self._read()
+            if data and self.handle(self.reader.feed(data)):
+                return self.finish()
+            self._decide_doze(data, checking)
             self.commit_if_due()
+
+    def _wait(self) -> bool:
+        """Sleep until the inbox (or, dozing, the doorbell) has something, a commit is due or a
+        heartbeat; False when a doze should go on (nobody rang and its time is not up)."""
+        now = time.monotonic()
+        wake_at = now + IDLE_TICK
+        if self.dirty:
+            wake_at = min(wake_at, self.next_commit)
+        if self.dozing:
+            wake_at = min(wake_at, self.doze_until)
+        # +1: poll counts whole milliseconds, and waking a little early would spin
+        ready = (self._dozing_poll if self.dozing else self._awake).poll(max(0, int((wake_at - now) * 1000) + 1))
+        rang = False
+        for ready_fd, _ in ready:
+            if ready_fd == self.bell_fd:
+                rang = silence(self.bell_fd)
+        return not self.dozing or rang or time.monotonic() >= self.doze_until
+
+    def _read(self) -> bytes:
+        try:
+            return os.read(self.inbox_fd, READ_CHUNK)
+        except BlockingIOError:
+            return b""
+
+    def _decide_doze(self, data: bytes, checking: bool) -> None:
+        """Doze after a read that held only events (nobody waits for an answer); wake up when a
+        doze brought nothing, which means the writes stopped."""
+        delay = self.apply_delay if self.bell_fd >= 0 else 0.0
+        if data:
+            doze = delay > 0 and not self.reads_answered and not self.pending_acks
+            self.recheck = len(data) == READ_CHUNK  # more may be queued already
+            self.doze_until = time.monotonic() + delay
+        else:
+            doze = self.dozing and checking
+        if doze != self.dozing:
+            self.dozing = doze
+            self.board.set(self.id, status.DOZING, int(doze))
+            # A reader who queued a frame before the flag went up did not ring: look once more.
+            self.recheck = self.recheck or doze
+
+    def _report_stale(self) -> None:
+        """Stale events are logged as a summary every STALE_REPORT_EVERY seconds, not one line each."""
+        now = time.monotonic()
+        if now < self._next_stale_report:
+            return
+        sid = self.id
+        stale = self.board.get(sid, status.STALE)
+        if stale > self._stale_reported:
+            log.info("shard %d ignored %d stale events (version not newer than stored) in the last %.0fs",
+                     sid, stale - self._stale_reported, STALE_REPORT_EVERY,
+                     extra={"fields": {"shard": sid, "stale": stale - self._stale_reported, "stale_total": stale}})
+        self._stale_reported, self._next_stale_report = stale, now + STALE_REPORT_EVERY
 
     def commit_if_due(self) -> None:
         if self.pending_acks or (self.dirty and time.monotonic() >= self.next_commit):
             self.commit()
 
     def finish(self) -> int:
-        for _ in range(STOP_COMMIT_TRIES):
-            if self.commit():
-                if self.file is not None:
-                    self.file.close()  # folds the WAL into the file: a clean copy for backups
-                log.info("shard %d drained its inbox and stops with %d products", self.id, len(self.store))
-                return 0
-            time.sleep(RETRY_COMMIT)
-        log.error("shard %d stops with %d changed products it could not commit", self.id, len(self.dirty))
-        return 75
+        """Commit what is left after STOP; returns the exit code.
+
+        A commit that fails is retried for `stop_timeout` seconds while the shard goes on
+        answering what reaches its inbox. After that the changes go to the recovery file and
+        the shard exits with EXIT_SAVED, which the supervisor reports instead of restarting it.
+        """
+        deadline = time.monotonic() + self.stop_timeout
+        while not self.commit():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._save_for_recovery()
+            self._serve_for(min(RETRY_COMMIT, left))
+        if self.file is not None:
+            self.file.close()  # folds the WAL into the file: a clean copy for backups
+        log.info("shard %d drained its inbox and stops with %d products", self.id, len(self.store))
+        return 0
+
+    def _serve_for(self, seconds: float) -> None:
+        """While a stop waits to commit: answer whatever comes in for up to `seconds`."""
+        self.board.beat(self.id)
+        poller = select.poll()
+        poller.register(self.inbox_fd, select.POLLIN)
+        if poller.poll(max(1, int(seconds * 1000))):
+            data = self._read()
+            if data:
+                self.handle(self.reader.feed(data))
+
+    def _save_for_recovery(self) -> int:
+        sid, products, events = self.id, len(self.dirty), self.uncommitted_events
+        get = self.store.get_packed
+        fields = {"shard": sid, "uncommitted_products": products, "uncommitted_events": events,
+                  "recovery_file": self.recovery.path}
+        try:
+            self.recovery.save((product_id, get(product_id)) for product_id in self.dirty)
+        except OSError as exc:
+            log.error("shard %d stops with %d changed products (%d events) that it could neither commit to %s (%s) "
+                      "nor save to %s (%s): they are lost", sid, products, events, self.file.path,
+                      self.last_commit_error, self.recovery.path, exc.strerror, extra={"fields": fields})
+            return EXIT_LOST
+        log.error("shard %d could not commit %d changed products (%d events) to %s within %.0fs (%s); they are saved "
+                  "in %s, and the next start commits them: free space or fix the disk, then start productd again",
+                  sid, products, events, self.file.path, self.stop_timeout, self.last_commit_error,
+                  self.recovery.path, extra={"fields": fields})
+        return EXIT_SAVED
 
     def commit(self) -> bool:
         """Save every changed product in one transaction, then answer the frames waiting for it."""
@@ -179,6 +281,7 @@ class Shard:
                 self.file.save((product_id, records(product_id)) for product_id in self.dirty)
             except Exception as exc:  # disk full, I/O error, ...: keep the changes and retry
                 self.next_commit = time.monotonic() + RETRY_COMMIT
+                self.last_commit_error = str(exc)
                 if not self.commit_failing:
                     self.commit_failing = True
                     self.board.set(self.id, status.WRITES_REFUSED, 1)
@@ -187,6 +290,7 @@ class Shard:
                 self._answer_acks(f"shard {self.id} could not commit: {exc}")
                 return False
             self.dirty.clear()
+            self.uncommitted_events = 0
             self.board.add(self.id, status.COMMITS, 1)
             if self.commit_failing:
                 self.commit_failing = False
@@ -231,6 +335,8 @@ class Shard:
                 break
         if self.file is None:
             self.dirty.clear()
+        else:
+            self.uncommitted_events += applied
         if received:  # a batch of reads alone touches one counter: this runs once per wake-up
             board.observe_applies(sid, now, waits)
             board.add(sid, status.RECEIVED, received)

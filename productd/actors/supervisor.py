@@ -20,16 +20,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from productd import logs
 from productd.actors import protocol, status
-from productd.actors.inbox import Inbox, ring, write_frame
+from productd.actors.inbox import Inbox, ring
 from productd.actors.listeners import ListenError, listen
 from productd.actors.routing import shard_for
-from productd.actors.shard import Shard
+from productd.actors.shard import EXIT_LOST, EXIT_SAVED, Shard
 from productd.actors.status import StatusBoard
 from productd.actors.systemd import notify_systemd
 from productd.config import DEFAULT_SHARDS
+from productd.store import recovery
 from productd.store.datadir import DataDir, DataDirError
 from productd.store.sqlite import ShardFile, StoreFileError
 
@@ -39,6 +41,14 @@ STARTUP_POLL = 0.05
 EXIT_SOFTWARE = 70  # a shard that raised
 EXTEND_EVERY = 10.0  # seconds between systemd start-timeout extensions while loading
 EXTEND_BY_USEC = 30_000_000
+STOP_RETRY = 0.05  # seconds between tries to hand a STOP frame to a full inbox
+STOP_NAG_EVERY = 10.0  # seconds between log lines about a shard that has not taken its STOP
+# Room each shard keeps allocated for its recovery file: what a shard holds uncommitted when its
+# disk fills is about one commit interval of changes plus a full inbox, and a saved record takes
+# about the bytes of the event that made it.
+RECOVERY_RESERVE_MIN = 64 * 1024
+# The service's exit code after a stop: the most serious of what happened wins.
+_EXIT_SEVERITY = (0, 1, EXIT_SAVED, EXIT_LOST)
 
 
 @dataclass
@@ -55,6 +65,18 @@ class StartupError(Exception):
     """The service cannot start; the message says why and what to do."""
 
 
+class Phase(Enum):
+    """Where the supervisor is in the service's life. `Supervisor._enter` is the one place that
+    moves it on, and does what each move means."""
+
+    STARTING = "starting"  # data dir, listening sockets, inboxes: nothing forked yet
+    LOADING = "loading"  # shards forked and loading their products; no HTTP yet
+    SERVING = "serving"  # gunicorn runs; systemd was told READY=1
+    CLOSING = "closing"  # gunicorn was told to stop and finishes its requests; no new events
+    DRAINING = "draining"  # each shard gets STOP behind its inbox, applies everything and exits
+    STOPPED = "stopped"  # every shard has exited; the supervisor returns the exit code
+
+
 def _die_with_parent(sig: int) -> None:
     """Ask Linux to send `sig` to this process when the supervisor dies (PR_SET_PDEATHSIG)."""
     try:
@@ -69,15 +91,15 @@ class Supervisor:
         self.settings = settings
         self.serve_frontend = serve_frontend
         self.shard_pids: dict[int, int] = {}  # pid -> shard id
-        self.arbiter_pid = 0
-        self.stopping = False
-        self.stop_sent = False
+        self.phase = Phase.STARTING
+        self.arbiter_pid = 0  # 0: not started yet, or exited
         self.exit_code = 0
         self.stopped: set[int] = set()
+        self.unsaved: set[int] = set()  # shards that stopped without committing everything
         self.restart_at: dict[int, float] = {}
         self.recent_deaths: dict[int, list[float]] = {}
-        self.ready_announced = False
         self.arbiter_kill_at = 0.0
+        self.stops_pending: dict[int, float] = {}  # shard -> when to log that it has not taken its STOP
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
         self.shard_paths: list[str | None] = []
         self.next_extend = 0.0
@@ -97,7 +119,8 @@ class Supervisor:
             for path in self.shard_paths:
                 if os.path.exists(path):
                     ShardFile.check(path)  # a bad file is named here, before anything forks
-        except (DataDirError, StoreFileError) as exc:
+                recovery.read(recovery.path_for(path))
+        except (DataDirError, StoreFileError, recovery.RecoveryFileError) as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"data dir {data.path}: {exc}") from None
@@ -132,6 +155,7 @@ class Supervisor:
         self.started_at = time.monotonic()
         for shard in range(s.shards):
             self._start_shard(shard)
+        self._enter(Phase.LOADING)
         try:
             return self._loop()
         finally:
@@ -194,6 +218,7 @@ class Supervisor:
             shard, inbox.read_fd, self.board,
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
             bell_fd=inbox.bell_read_fd, apply_delay=0.0 if s.durability == "sync" else s.apply_delay,
+            stop_timeout=s.graceful_timeout, recovery_reserve=max(RECOVERY_RESERVE_MIN, 2 * inbox.capacity),
         ).run()
 
     def _start_frontend(self) -> None:
@@ -222,7 +247,7 @@ class Supervisor:
     def _loop(self) -> int:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        while True:
+        while self.phase is not Phase.STOPPED:
             poller.poll(int(self._timeout() * 1000))
             try:
                 while os.read(self._wake_r, 512):
@@ -239,21 +264,55 @@ class Supervisor:
                 if when <= now:
                     del self.restart_at[shard]
                     self._start_shard(shard)
-                    if self.stop_sent:
-                        self._send_stop(shard)
-            if not self.arbiter_pid and not self.ready_announced and time.monotonic() >= self.next_extend:
+                    if self.phase is Phase.DRAINING:
+                        self.stops_pending[shard] = now + STOP_NAG_EVERY
+            self._step()
+        return self.exit_code
+
+    def _step(self) -> None:
+        """What the current phase waits for, checked on every turn of the loop."""
+        phase = self.phase
+        if phase is Phase.LOADING:
+            if self._all_ready():
+                self._enter(Phase.SERVING)
+            elif time.monotonic() >= self.next_extend:
                 self._extend_start_timeout()
-            if not self.stopping and not self.arbiter_pid and self._all_ready():
-                self._start_frontend()
-                took = time.monotonic() - self.started_at
-                log.info("ready: %d shards loaded in %.2fs", self.settings.shards, took)
-                notify_systemd(f"READY=1\nSTATUS=serving on {self.settings.bind}", self.notify_socket)
-                self.ready_announced = True
-            if self.stopping:
-                self._advance_stop()
-                if len(self.stopped) == self.settings.shards and not self.arbiter_pid:
-                    log.info("stopped: every shard drained its inbox")
-                    return self.exit_code
+        elif phase is Phase.CLOSING:
+            if not self.arbiter_pid:
+                self._enter(Phase.DRAINING)
+            elif time.monotonic() > self.arbiter_kill_at:
+                log.error("gunicorn did not stop within its graceful timeout; killing it")
+                self._kill_group(self.arbiter_pid)
+        if self.phase is Phase.DRAINING:
+            self._deliver_stops()
+            if len(self.stopped) == self.settings.shards:
+                self._enter(Phase.STOPPED)
+
+    def _enter(self, phase: Phase) -> None:
+        """Move to `phase`: every transition of the supervisor, and what it does, is here."""
+        log.debug("phase %s -> %s", self.phase.value, phase.value)
+        self.phase = phase
+        if phase is Phase.SERVING:
+            self._start_frontend()
+            took = time.monotonic() - self.started_at
+            log.info("ready: %d shards loaded in %.2fs", self.settings.shards, took)
+            notify_systemd(f"READY=1\nSTATUS=serving on {self.settings.bind}", self.notify_socket)
+        elif phase is Phase.CLOSING:
+            self.board.stopping = True
+            notify_systemd("STOPPING=1\nSTATUS=draining", self.notify_socket)
+            if self.arbiter_pid:
+                os.kill(self.arbiter_pid, signal.SIGTERM)
+                self.arbiter_kill_at = time.monotonic() + self.settings.graceful_timeout + 5
+        elif phase is Phase.DRAINING:
+            now = time.monotonic()
+            self.stops_pending = {shard: now + STOP_NAG_EVERY for shard in range(self.settings.shards)
+                                  if shard not in self.restart_at and shard not in self.stopped}
+        elif phase is Phase.STOPPED:
+            if self.unsaved:
+                log.error("stopped with uncommitted changes in shard(s) %s: see each shard's line above",
+                          sorted(self.unsaved))
+            else:
+                log.info("stopped: every shard drained its inbox")
 
     def _extend_start_timeout(self) -> None:
         """Loading a large store takes time: keep systemd from giving up on us meanwhile."""
@@ -264,11 +323,14 @@ class Supervisor:
         )
 
     def _timeout(self) -> float:
-        if not self.arbiter_pid and not self.stopping:
+        if self.phase is Phase.LOADING:
             return STARTUP_POLL
+        wait = 1.0
+        if self.stops_pending:
+            wait = STOP_RETRY
         if self.restart_at:
-            return max(0.0, min(self.restart_at.values()) - time.monotonic())
-        return 1.0
+            wait = min(wait, max(0.0, min(self.restart_at.values()) - time.monotonic()))
+        return wait
 
     def _all_ready(self) -> bool:
         return all(self.board.state(i) == status.READY for i in range(self.settings.shards))
@@ -285,9 +347,9 @@ class Supervisor:
             if pid == self.arbiter_pid:
                 self.arbiter_pid = 0
                 self._kill_group(pid)
-                if not self.stopping:
+                if self.phase is Phase.SERVING:
                     log.error("gunicorn arbiter %s; stopping the service", how)
-                    self.exit_code = 1
+                    self._fail(1)
                     self._begin_stop("the HTTP server died")
                 else:
                     log.info("gunicorn stopped (%s)", how)
@@ -296,12 +358,19 @@ class Supervisor:
 
     def _shard_exited(self, shard: int, pid: int, wstatus: int, how: str) -> None:
         board = self.board
-        if self.stop_sent and os.waitstatus_to_exitcode(wstatus) == 0:
+        code = os.waitstatus_to_exitcode(wstatus)
+        self.stops_pending.pop(shard, None)
+        if self.phase is Phase.DRAINING and shard not in self.restart_at and code in (0, EXIT_SAVED, EXIT_LOST):
+            # A shard that stopped but could not commit is not a crashed one: a restart would
+            # reload its last commit over what it had applied. It said what it did with them.
             board.set(shard, status.STATE, status.STOPPED)
             self.stopped.add(shard)
+            if code:
+                self.unsaved.add(shard)
+                self._fail(code)
             return
         board.set(shard, status.STATE, status.DEAD)
-        if not self.ready_announced and not self.stopping:
+        if self.phase is Phase.LOADING:
             raise StartupError(f"shard {shard} (pid {pid}) {how} while loading; see its log above")
         board.add(shard, status.RESTARTS, 1)
         memory_only = self.settings.durability == "none"
@@ -321,37 +390,35 @@ class Supervisor:
 
     # ---- stop ----------------------------------------------------------------------------
 
+    def _fail(self, code: int) -> None:
+        if _EXIT_SEVERITY.index(code) > _EXIT_SEVERITY.index(self.exit_code):
+            self.exit_code = code
+
     def _begin_stop(self, why: str) -> None:
-        if self.stopping:
+        if self.phase in (Phase.CLOSING, Phase.DRAINING, Phase.STOPPED):
             log.info("%s; already stopping", why)
             return
         log.info("%s; stopping: gunicorn first, then each shard drains its inbox", why)
-        self.stopping = True
-        self.board.stopping = True
-        notify_systemd("STOPPING=1\nSTATUS=draining", self.notify_socket)
-        if self.arbiter_pid:
-            os.kill(self.arbiter_pid, signal.SIGTERM)
-            self.arbiter_kill_at = time.monotonic() + self.settings.graceful_timeout + 5
+        self._enter(Phase.CLOSING)  # with no gunicorn yet (a stop while loading), the next step drains
 
-    def _advance_stop(self) -> None:
-        if self.arbiter_pid:
-            if time.monotonic() > self.arbiter_kill_at:
-                log.error("gunicorn did not stop within its graceful timeout; killing it")
-                self._kill_group(self.arbiter_pid)
-            return
-        if not self.stop_sent:
-            self.stop_sent = True
-            for shard in range(self.settings.shards):
-                if shard not in self.restart_at:
-                    self._send_stop(shard)
-
-    def _send_stop(self, shard: int) -> None:
-        # The shard is draining, so room comes; the deadline only guards against a wedged shard.
-        inbox = self.inboxes[shard]
-        if write_frame(inbox.write_fd, protocol.stop_frame(), time.monotonic() + 300, inbox.bell_write_fd):
+    def _deliver_stops(self) -> None:
+        """Hand each shard its STOP frame without waiting: a full inbox is tried again on the next
+        turn, so the loop goes on reaping and restarting shards (one that died with a full inbox
+        is restarted, drains it, and then takes its STOP)."""
+        frame = protocol.stop_frame()
+        now = time.monotonic()
+        for shard, nag_at in list(self.stops_pending.items()):
+            inbox = self.inboxes[shard]
+            try:
+                os.write(inbox.write_fd, frame)
+            except BlockingIOError:
+                ring(inbox.bell_write_fd)  # it may be dozing on the room we wait for
+                if now >= nag_at:
+                    log.warning("shard %d has not taken its stop message yet: its inbox is full", shard)
+                    self.stops_pending[shard] = now + STOP_NAG_EVERY
+                continue
             ring(inbox.bell_write_fd)
-        else:
-            log.error("shard %d did not take its stop message in 300s", shard)
+            del self.stops_pending[shard]
 
     def _kill_group(self, pgid: int) -> None:
         try:

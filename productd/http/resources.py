@@ -205,14 +205,20 @@ class Ready:
         self.client = client
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """503 when a shard is not answering or the service stops; 200 "degraded" when every shard
+        answers but one or more refuse writes (reads are still served, so a load balancer should
+        keep the instance for reads; the writes get 503 with Retry-After on their own)."""
         board = self.client.board
         shards = []
         ready = not board.stopping
+        degraded = False
         for shard in range(self.client.shards):
             state = board.state(shard)
             alive = state in (status.STARTING, status.READY)
             answering = status.answering(board, shard)
+            refusing = bool(board.get(shard, status.WRITES_REFUSED))
             ready = ready and answering
+            degraded = degraded or refusing
             shards.append(
                 {
                     "id": shard,
@@ -220,6 +226,7 @@ class Ready:
                     "state": status.STATE_NAMES.get(state, "unknown"),
                     "alive": alive,
                     "ready": answering,
+                    "writes_refused": refusing,
                     "inbox_bytes": self.client.inbox_bytes(shard),
                     "dozing": bool(board.get(shard, status.DOZING)),
                     "restarts": board.get(shard, status.RESTARTS),
@@ -228,6 +235,7 @@ class Ready:
                 }
             )
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
-        resp.data = orjson.dumps({"status": "ready" if ready else "not_ready", "shards": shards})
+        overall = "not_ready" if not ready else "degraded" if degraded else "ready"
+        resp.data = orjson.dumps({"status": overall, "shards": shards})
 
     on_head = on_get

@@ -20,6 +20,7 @@ import os
 import shutil
 from collections.abc import Callable
 
+from productd.store import recovery
 from productd.store.sqlite import ShardFile, StoreFileError
 
 FORMAT = 1
@@ -120,6 +121,13 @@ class DataDir:
                 f"data dir {self.path} holds {recorded} shards and --shards asks for {requested}; "
                 f"start with --shards {recorded}, or add --reshard to move every product to {requested} shards"
             )
+        for shard in range(recorded):
+            pending = recovery.path_for(self.shard_path(layout, shard))
+            if recovery.read(pending):
+                raise DataDirError(
+                    f"{pending} holds changes a stop could not commit; start once with --shards {recorded} "
+                    "so that they are committed, then reshard"
+                )
         return self._reshard(layout, recorded, requested, route), requested
 
     def _check_layout(self, layout: str, shards: int) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-from productd.store.record import Product, merge, unpack
+from productd.store.record import merge
 
 
 class ShardStore:
@@ -31,16 +29,9 @@ class ShardStore:
         self._records[product_id] = new
         return True
 
-    def get(self, product_id: str) -> Product | None:
-        packed = self._records.get(product_id)
-        return None if packed is None else unpack(packed)
-
     def get_packed(self, product_id: str) -> bytes | None:
         return self._records.get(product_id)
 
     def load(self, product_id: str, packed: bytes) -> None:
         """Put a record read back from durable storage."""
         self._records[product_id] = packed
-
-    def items(self) -> Iterator[tuple[str, bytes]]:
-        return iter(self._records.items())

@@ -8,9 +8,12 @@ Columns are plain SQL types so an operator can read a shard with the sqlite3 she
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
+from urllib.parse import quote
 
 from productd.store.record import UNSET, pack_fields, unpack_fields
 
@@ -58,14 +61,20 @@ class ShardFile:
 
     @staticmethod
     def check(path: str) -> None:
-        """Open an existing shard file read-only: is it SQLite, and not from a newer productd? Changes nothing.
+        """Open an existing shard file read-only: is it SQLite, and not from a newer productd?
 
-        Immutable mode ignores the WAL, so after a crash the tables may not be visible yet: the
-        shard's own read-write open checks the rest.
+        Changes neither the file nor its WAL. A file without a WAL is opened immutable (no lock,
+        no file created). A file that a crash left with a WAL is opened read-only, which reads
+        the WAL as SQLite's own recovery would but writes nothing to it: the WAL may hold the
+        schema or the user_version, which the file alone does not show yet. That open creates
+        the `-shm` wal-index if there was none; the check removes it again.
         """
+        wal, shm = path + "-wal", path + "-shm"
+        has_wal = os.path.exists(wal)
+        had_shm = os.path.exists(shm)
+        mode = "mode=ro" if has_wal else "mode=ro&immutable=1"
         try:
-            # immutable: no lock, no -wal or -shm file created; enough to read the header and schema
-            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            db = sqlite3.connect(f"file:{quote(path)}?{mode}", uri=True)
         except sqlite3.DatabaseError as exc:
             raise StoreFileError(f"{path} cannot be opened: {exc}") from exc
         try:
@@ -75,6 +84,9 @@ class ShardFile:
             raise StoreFileError(f"{path} is not a usable productd shard file: {exc}") from exc
         finally:
             db.close()
+            if has_wal and not had_shm:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(shm)
 
     def _abandon(self) -> None:
         """Drop a connection to a file we refuse, without the checkpoint a normal close does."""
@@ -85,9 +97,6 @@ class ShardFile:
                 pass
             self.db.close()
             self.db = None
-
-    def count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM products").fetchone()[0]
 
     def rows(self) -> Iterator[tuple[str, bytes]]:
         """Every product as (id, packed record)."""
