@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
                 result = live.run_load(server, load)
                 report.record_http(result)
                 print(f"{name:13} {load:17} [{result.tool}] {result.rps:10,.0f} req/s "
-                      f"{result.events_per_s:10,.0f} ev/s p99 {result.p99_ms:.2f} ms non-2xx {result.non_2xx} load {live.loadavg()[0]:.2f}", flush=True)
+                      f"{result.events_per_s:10,.0f} ev/s p99 {result.p99_ms:.2f} ms non-2xx {result.non_2xx} "
+                      f"load {live.loadavg()[0]:.2f}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
