@@ -16,7 +16,7 @@ from gunicorn.app.base import Application
 from productd import logs
 from productd.actors.client import ShardClient
 from productd.actors.supervisor import Frontend
-from productd.config import Settings
+from productd.config import OPTIONS, Settings
 from productd.http.app import create_app
 from productd.http.stats import HttpStats
 
@@ -46,12 +46,12 @@ class GunicornServer(Application):
             self.load_config_from_file(s.gunicorn_config)
         cfg = self.cfg
         cfg.set("bind", [f"fd://{fd}" for fd in self.frontend.listener_fds])
-        cfg.set("workers", s.workers)
-        # gunicorn turns a sync worker with threads into gthread; sync means one thread here.
-        cfg.set("threads", 1 if s.worker_class == "sync" else s.threads)
-        cfg.set("worker_class", s.worker_class)
-        cfg.set("graceful_timeout", max(1, round(s.graceful_timeout)))
-        cfg.set("loglevel", s.log_level)
+        for option in OPTIONS:  # workers, threads, worker_class, graceful_timeout, loglevel
+            if option.gunicorn:
+                cfg.set(option.gunicorn, option.to_gunicorn(getattr(s, option.dest)))
+        if s.worker_class == "sync":
+            # gunicorn turns a sync worker with threads into gthread; sync means one thread here.
+            cfg.set("threads", 1)
         cfg.set("logger_class", GunicornLogger)
         cfg.set("proc_name", "productd")
         if "control_socket_disable" in cfg.settings:

@@ -12,11 +12,13 @@ import mmap
 import threading
 from bisect import bisect_left
 
+from productd.config import SHARDS
+
 ROUTES = ("events", "product", "healthz", "readyz", "metrics", "openapi", "other")
 METHODS = ("GET", "POST", "other")
 STATUSES = (200, 202, 400, 401, 404, 405, 413, 415, 422, 500, 503, 504, 0)  # 0: any other
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MAX_SHARDS = 64
+MAX_SHARDS = SHARDS.high  # the most --shards takes: a counter for each
 
 _ROUTE = {name: i for i, name in enumerate(ROUTES)}
 _METHOD = {name: i for i, name in enumerate(METHODS)}
