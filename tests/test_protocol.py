@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 
 import pytest
 
-from productd.actors import protocol
-from productd.actors.shard import HANDLERS
+from productd.actors import protocol, status
+from productd.actors.shard import HANDLERS, Shard
+from productd.actors.status import StatusBoard
 from productd.http.validation import PRODUCT_ID_RULE
 
 INT64_MAX = 2**63 - 1
@@ -123,3 +125,38 @@ def test_a_kind_code_is_registered_once():
 
     with pytest.raises(ValueError, match="taken by Get"):
         protocol.message(Twice)
+
+
+class _RecordingShard(Shard):
+    """A shard in process whose replies are recorded instead of sent."""
+
+    def __init__(self) -> None:
+        super().__init__(0, -1, StatusBoard(1))
+        self.sent: list[tuple[bytes, int, object]] = []
+
+    def reply(self, address: bytes, request_id: int, payload: object) -> None:
+        self.sent.append((address, request_id, payload))
+
+
+def _bodies(*frames: bytes) -> list[bytes]:
+    return protocol.FrameReader().feed(b"".join(frames))
+
+
+def test_the_shard_handles_every_kind_by_its_fields():
+    """Each handler reads the header's fields in the order its kind declares them: a handler that
+    took one field for another would answer the wrong address, request or product here."""
+    shard = _RecordingShard()
+    board = shard.board
+    address, other = b"\0abcde", b"\0fghij"
+    accepted_ns = time.time_ns() - 10**9  # a second before the shard applies them
+    events = [(i, protocol.pack_event(f"p{i}", 1.5, i, None)) for i in range(3)]
+    [(_, request_id, events_frame)] = protocol.events_frames(events, address, itertools.count(41), accepted_ns)
+    assert not shard.handle(_bodies(events_frame))
+    assert shard.pending_acks == [(address, request_id)]  # answered once committed
+    assert [board.get(0, f) for f in (status.RECEIVED, status.APPLIED, status.APPLY_COUNT)] == [3, 3, 3]
+    assert board.get(0, status.APPLY_SUM_US) >= 3 * 10**6  # accepted_ns read as accepted_ns
+    assert not shard.handle(_bodies(protocol.get_frame(other, 9, "p2"), protocol.get_frame(address, 10, "p9")))
+    assert shard.sent == [(other, 9, shard.store.get_packed("p2")), (address, 10, None)]
+    assert shard.sent[0][2] is not None and board.get(0, status.READS) == 2
+    assert shard.handle(_bodies(protocol.stop_frame(), protocol.get_frame(address, 11, "p1")))
+    assert len(shard.sent) == 2  # nothing after STOP in the same read is handled

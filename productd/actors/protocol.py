@@ -42,8 +42,9 @@ def message(cls):
 
     A header travels as the plain tuple (KIND, *fields), which `pack` builds itself: building
     and packing the NamedTuple instead costs three times as much, on the path of every GET and
-    POST. The round trip in tests/test_protocol.py holds each `pack` to its fields' order.
-    `unpack(head)` turns a header read from a body back into the NamedTuple.
+    POST. `unpack(head)` turns a header read from a body back into the NamedTuple; the shard's
+    handlers name the header's items in the same order instead, for the same reason. The round
+    trips in tests/test_protocol.py hold each `pack` and each handler to the fields' order.
     """
     if cls.KIND in KINDS:
         raise ValueError(f"message kind {cls.KIND} is taken by {KINDS[cls.KIND].__name__}")
