@@ -36,6 +36,8 @@ KINDS: dict[int, type] = {}
 
 EVENTS, GET, STOP = 0, 1, 2  # the codes, by the names the front end and older tests use
 
+_new_tuple = tuple.__new__
+
 
 def message(cls):
     """Register a message kind: a NamedTuple of its header fields, with its code as KIND.
@@ -56,9 +58,6 @@ def message(cls):
 
     cls.unpack = staticmethod(unpack)
     return cls
-
-
-_new_tuple = tuple.__new__
 
 
 def unpack(head: tuple) -> tuple:
