@@ -9,84 +9,14 @@ import sys
 from dataclasses import fields
 
 from productd import __version__, logs
-from productd.config import Settings
+from productd.config import ENV_PREFIX, OPTIONS, Settings
 
-ENV_PREFIX = "PRODUCTD_"
 log = logging.getLogger("productd")
-
-
-def _positive_int(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
-        return value
-
-    return parse
-
-
-def _seconds_within(accept, rule: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not accept(value):  # NaN fails every comparison, so it is refused too
-            raise argparse.ArgumentTypeError(f"{value} must be {rule}")
-        return value
-
-    return parse
-
-
-_seconds = _seconds_within(lambda v: 0 < v < 3600, "more than 0 and less than 3600 seconds")
-_delay = _seconds_within(lambda v: 0 <= v <= 60, "0 to 60 seconds")
-
-
-# (option, type, help): defaults come from Settings, overridable by the environment.
-OPTIONS = (
-    ("bind", str, "HOST:PORT to listen on"),
-    ("shards", _positive_int(1, 64),
-     "shard processes that own the products (1..64; default: the count recorded in the data dir, else 4)"),
-    ("workers", _positive_int(1, 256), "gunicorn worker processes, one event loop each (default: 1 per CPU)"),
-    ("enqueue-timeout", _seconds, "seconds a write waits for room in a full inbox before it gets 503"),
-    ("read-timeout", _seconds, "seconds a read waits for its shard before it gets 504"),
-    ("max-body-bytes", _positive_int(1, 1 << 30), "largest request body; larger gets 413"),
-    ("max-events", _positive_int(1, 1_000_000), "most events in one request; more gets 413"),
-    ("inbox-bytes", _positive_int(4096, 1 << 30), "capacity of each shard's inbox pipe in bytes"),
-    ("graceful-timeout", _seconds, "seconds in-flight requests get to finish on stop"),
-    ("header-timeout", _seconds,
-     "seconds a client has to send a request's line and headers (and a new connection its first request); "
-     "slower gets 408 or is closed"),
-    ("body-timeout", _seconds, "seconds a client has to send a request's body after its headers; slower gets 408"),
-    ("max-connections", _positive_int(1, 1_000_000),
-     "connections each worker holds; past it the one idle the longest is closed (503 if none is idle)"),
-    ("gunicorn-config", str, "a gunicorn config file for every other gunicorn setting"),
-    ("log-level", str, "debug, info, warning or error"),
-    ("log-format", str, "json (one object per line) or text"),
-    ("data-dir", str, "directory of the shards' SQLite files (not used with --durability none)"),
-    ("durability", str, "none: memory only; batch: commit every --commit-interval; sync: 202 after commit"),
-    ("commit-interval", _seconds, "batch durability: longest time between commits"),
-    ("apply-delay", _delay,
-     "seconds a shard lets single events gather before applying them; a read or a stop wakes it "
-     "at once (0: apply each as it comes; not used with --durability sync)"),
-    ("auth-token-file", str, "file holding the bearer token that POST /events requires (default: no auth)"),
-)
-FLAGS = (
-    ("reshard", "move every product to the --shards count when it differs from the data dir's"),
-    ("access-log", "log every request (requests answered 4xx or 5xx are always logged)"),
-    ("auth-reads", "with --auth-token-file, GET /products/{id} needs the token too"),
-)
-CHOICES = {
-    "log-level": ("debug", "info", "warning", "error"),
-    "log-format": ("json", "text"),
-    "durability": ("none", "batch", "sync"),
-}
+TRUE = ("1", "true", "yes", "on")  # a flag's environment variable turns it on with any of these
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from productd.config.OPTIONS."""
     parser = argparse.ArgumentParser(prog="productd", description="Live product state, sharded over processes.")
     parser.add_argument("--version", action="version", version=f"productd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,21 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"for example {ENV_PREFIX}SHARDS=8; the command line wins.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    defaults = Settings()
-    for name, kind, help_text in OPTIONS:
-        dest = name.replace("-", "_")
-        env = ENV_PREFIX + dest.upper()
-        serve.add_argument(
-            f"--{name}",
-            dest=dest,
-            type=kind,
-            choices=CHOICES.get(name),
-            default=getattr(defaults, dest),
-            help=f"{help_text} [env {env}]",
-        )
-    for name, help_text in FLAGS:
-        env = ENV_PREFIX + name.replace("-", "_").upper()
-        serve.add_argument(f"--{name}", action="store_true", help=f"{help_text} [env {env}=1]")
+    for option in OPTIONS:
+        if not option.flag:
+            serve.add_argument(
+                f"--{option.name}",
+                dest=option.dest,
+                type=option.parse,
+                choices=option.choices,
+                default=option.default,
+                help=f"{option.help} [env {option.env}]",
+            )
+    for option in OPTIONS:  # after the others, so that --help lists the flags last
+        if option.flag:
+            serve.add_argument(f"--{option.name}", action="store_true", help=f"{option.help} [env {option.env}=1]")
     return parser
 
 
@@ -122,14 +50,14 @@ def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Setting
     # Environment values go through the same parsing as the command line, ahead of it, so the
     # command line wins and a bad value in the environment gets the same clear message.
     env_args = []
-    for name, _, _ in OPTIONS:
-        value = environ.get(ENV_PREFIX + name.replace("-", "_").upper())
-        if value is not None and value != "":
-            env_args += [f"--{name}", value]
-    for name, _ in FLAGS:
-        value = environ.get(ENV_PREFIX + name.replace("-", "_").upper(), "").lower()
-        if value in ("1", "true", "yes", "on"):
-            env_args.append(f"--{name}")
+    for option in OPTIONS:
+        if not option.flag:
+            value = environ.get(option.env)
+            if value is not None and value != "":
+                env_args += [f"--{option.name}", value]
+    for option in OPTIONS:
+        if option.flag and environ.get(option.env, "").lower() in TRUE:
+            env_args.append(f"--{option.name}")
     if args_in and args_in[0] == "serve":
         args_in = ["serve", *env_args, *args_in[1:]]
     args = parser.parse_args(args_in)

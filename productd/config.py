@@ -1,40 +1,166 @@
-"""Settings of one productd instance, with their defaults. Filled in by the command line."""
+"""Every option of `productd serve`, declared once, and the `Settings` generated from them.
+
+As gunicorn's config.py drives its command line from one Setting per option, each `Option`
+below holds everything about one option: its name, parser and range, default, environment
+variable, help and, where productd passes it on, the gunicorn setting it becomes. cli.py builds
+the argparse parser from OPTIONS, http/server.py hands the gunicorn ones on, and every limit
+that follows from an option (the largest shard count, the default most events per request)
+reads it here. tests/test_config.py holds the README's option table and deploy/productd.env
+to this list.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
+
+ENV_PREFIX = "PRODUCTD_"
+DEFAULT_SHARDS = 4  # with no --shards and no data dir that records a count
 
 
-@dataclass
-class Settings:
-    bind: str = "127.0.0.1:8080"
-    shards: int | None = None  # None: the count recorded in the data dir, else DEFAULT_SHARDS
-    # Chosen by measurement on 2 cores (README, "Choosing the defaults"): one event loop per CPU.
-    workers: int = os.cpu_count() or 1
-    enqueue_timeout: float = 0.5
-    read_timeout: float = 2.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_events: int = 10_000
-    inbox_bytes: int = 1024 * 1024
-    gunicorn_config: str | None = None
-    graceful_timeout: float = 30.0
-    header_timeout: float = 10.0  # from a request's first byte (or an idle connection's last) to its blank line
-    body_timeout: float = 30.0  # from the end of a request's head to the end of its body
-    max_connections: int = 1000  # per worker; past it the connection idle the longest is closed
-    log_level: str = "info"
-    log_format: str = "json"
-    data_dir: str = "./data"
-    durability: str = "batch"
-    commit_interval: float = 0.05
+class Integer:
+    """Parses an integer within low..high, both included."""
+
+    type = int
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not self.low <= value <= self.high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {self.low}..{self.high}")
+        return value
+
+
+class Seconds:
+    """Parses a number of seconds between low and high: both included when `closed`, else neither."""
+
+    type = float
+
+    def __init__(self, low: float, high: float, closed: bool) -> None:
+        self.low, self.high, self.closed = low, high, closed
+        self.rule = f"{low} to {high} seconds" if closed else f"more than {low} and less than {high} seconds"
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if self.closed:
+            accepted = self.low <= value <= self.high
+        else:
+            accepted = self.low < value < self.high
+        if not accepted:  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"{value} must be {self.rule}")
+        return value
+
+
+TIMEOUT = Seconds(0, 3600, closed=False)
+SHARDS = Integer(1, 64)  # the largest count also sizes http/stats.py's per-shard counters
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of `productd serve`: --<name> on the command line, PRODUCTD_<NAME> in the environment."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] | None = str  # None: a flag, off unless given
+    choices: tuple[str, ...] | None = None
+    # What the README and deploy/productd.env say the default is, when it is not a plain value.
+    default_doc: str | None = None
+    # The gunicorn setting productd sets from this option, whatever --gunicorn-config says.
+    gunicorn: str | None = None
+    to_gunicorn: Callable[[Any], Any] = lambda value: value  # noqa: E731 - the value as it is
+
+    @property
+    def flag(self) -> bool:
+        return self.parse is None
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+    @property
+    def type(self) -> type:
+        return bool if self.flag else getattr(self.parse, "type", self.parse)
+
+
+# In the order `productd serve --help` lists them (flags after the options with a value).
+OPTIONS: tuple[Option, ...] = (
+    Option("bind", "127.0.0.1:8080", "HOST:PORT to listen on"),
+    Option("shards", None,
+           f"shard processes that own the products ({SHARDS.low}..{SHARDS.high}; default: the count "
+           f"recorded in the data dir, else {DEFAULT_SHARDS})",
+           parse=SHARDS, default_doc=f"the count recorded in the data dir, else {DEFAULT_SHARDS}"),
+    # Chosen by measurement on 2 cores (bench/README.md, "Worker count"): one event loop per CPU.
+    Option("workers", os.cpu_count() or 1, "gunicorn worker processes, one event loop each (default: 1 per CPU)",
+           parse=Integer(1, 256), default_doc="1 per CPU", gunicorn="workers"),
+    Option("enqueue-timeout", 0.5, "seconds a write waits for room in a full inbox before it gets 503",
+           parse=TIMEOUT),
+    Option("read-timeout", 2.0, "seconds a read waits for its shard before it gets 504", parse=TIMEOUT),
+    Option("max-body-bytes", 4 * 1024 * 1024, "largest request body; larger gets 413", parse=Integer(1, 1 << 30)),
+    Option("max-events", 10_000, "most events in one request; more gets 413", parse=Integer(1, 1_000_000)),
+    # At least one frame (protocol.PIPE_BUF; config stays free of imports so --help is fast).
+    Option("inbox-bytes", 1024 * 1024, "capacity of each shard's inbox pipe in bytes",
+           parse=Integer(4096, 1 << 30)),
+    # gunicorn takes whole seconds, and 0 would mean no grace at all.
+    Option("graceful-timeout", 30.0, "seconds in-flight requests get to finish on stop", parse=TIMEOUT,
+           gunicorn="graceful_timeout", to_gunicorn=lambda seconds: max(1, round(seconds))),
+    Option("header-timeout", 10.0,
+           "seconds a client has to send a request's line and headers (and a new connection its first request); "
+           "slower gets 408 or is closed", parse=TIMEOUT),
+    Option("body-timeout", 30.0, "seconds a client has to send a request's body after its headers; slower gets 408",
+           parse=TIMEOUT),
+    Option("max-connections", 1000,
+           "connections each worker holds; past it the one idle the longest is closed (503 if none is idle)",
+           parse=Integer(1, 1_000_000)),
+    Option("gunicorn-config", None, "a gunicorn config file for every other gunicorn setting"),
+    Option("log-level", "info", "debug, info, warning or error",
+           choices=("debug", "info", "warning", "error"), gunicorn="loglevel"),
+    Option("log-format", "json", "json (one object per line) or text", choices=("json", "text")),
+    Option("data-dir", "./data", "directory of the shards' SQLite files (not used with --durability none)"),
+    Option("durability", "batch",
+           "none: memory only; batch: commit every --commit-interval; sync: 202 after commit",
+           choices=("none", "batch", "sync")),
+    Option("commit-interval", 0.05, "batch durability: longest time between commits", parse=TIMEOUT),
     # A shard that received only events sleeps this long before reading more, so one wake-up
-    # applies many; a reader rings its doorbell (README, "Apply delay"). Measured in issue 4.
-    apply_delay: float = 0.01
-    reshard: bool = False
-    access_log: bool = False
-    auth_token_file: str | None = None
-    auth_reads: bool = False
-    auth_token: str | None = field(default=None, repr=False)  # from auth_token_file; never logged
+    # applies many; a reader rings its doorbell (docs/design.md, "Apply delay"). Measured in issue 4.
+    Option("apply-delay", 0.01,
+           "seconds a shard lets single events gather before applying them; a read or a stop wakes it "
+           "at once (0: apply each as it comes; not used with --durability sync)",
+           parse=Seconds(0, 60, closed=True)),
+    Option("auth-token-file", None, "file holding the bearer token that POST /events requires (default: no auth)"),
+    Option("reshard", False, "move every product to the --shards count when it differs from the data dir's",
+           parse=None),
+    Option("access-log", False, "log every request (requests answered 4xx or 5xx are always logged)", parse=None),
+    Option("auth-reads", False, "with --auth-token-file, GET /products/{id} needs the token too", parse=None),
+)
+OPTION = {option.name: option for option in OPTIONS}
 
 
-DEFAULT_SHARDS = 4
+def _settings_field(option: Option) -> tuple[str, Any, Any]:
+    kind = option.type if option.default is not None else option.type | None
+    return option.dest, kind, field(default=option.default)
+
+
+# The settings of one productd instance: a field per option, with its default, plus the token
+# read from --auth-token-file (never logged). Generated, so a new option is one Option above.
+Settings = make_dataclass(
+    "Settings",
+    [*(_settings_field(option) for option in OPTIONS), ("auth_token", str | None, field(default=None, repr=False))],
+    namespace={"__doc__": "Settings of one productd instance: one field per Option, filled in by the command line."},
+)
+Settings.__module__ = __name__

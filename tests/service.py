@@ -30,19 +30,30 @@ POLL = 0.05
 TIMEOUT = (5, 30)
 
 PROBLEM_TYPE = "application/problem+json"
-# Series /metrics has for every shard.
+# Series /metrics has for every shard. This module imports nothing of productd, so that the tests
+# check the service from outside, as its users see it: this list is written down here, as a user
+# would, rather than imported, and tests/test_layout.py holds it equal to the one productd renders
+# from (productd.http.metrics.PER_SHARD_SERIES). A series added there fails that test until it is
+# added here too, and so becomes part of what every test of /metrics checks for each shard.
 SHARD_SERIES = (
     "productd_events_received_total",
     "productd_events_applied_total",
     "productd_events_stale_total",
+    "productd_reads_total",
     "productd_products",
-    "productd_inbox_bytes",
     "productd_shard_restarts_total",
     "productd_shard_state_lost_total",
-    "productd_shard_up",
-    "productd_events_rejected_total",
+    "productd_commits_total",
     "productd_replies_dropped_total",
+    "productd_inbox_skipped_bytes_total",
+    "productd_inbox_bytes",
+    "productd_shard_up",
     "productd_shard_heartbeat_age_seconds",
+    "productd_shard_writes_refused",
+    "productd_apply_delay_seconds_bucket",
+    "productd_apply_delay_seconds_sum",
+    "productd_apply_delay_seconds_count",
+    "productd_events_rejected_total",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,6 +13,8 @@ import mmap
 import time
 from bisect import bisect_left
 
+from productd.layout import Layout
+
 # Shard states.
 STARTING = 0  # forked, loading its products
 READY = 1  # reading its inbox
@@ -21,33 +23,36 @@ STOPPED = 3  # drained its inbox and exited on request
 
 STATE_NAMES = {STARTING: "starting", READY: "ready", DEAD: "dead", STOPPED: "stopped"}
 
-# Per-shard fields (indexes into the shard's row).
-PID = 0
-STATE = 1
-HEARTBEAT_NS = 2  # time.monotonic_ns() of the shard's last loop turn
-RESTARTS = 3
-STATE_LOST = 4  # restarts that lost state (memory-only mode)
-RECEIVED = 5  # events read from the inbox
-APPLIED = 6
-STALE = 7  # ignored: version <= stored version
-PRODUCTS = 8
-READS = 9
-SKIPPED_BYTES = 10  # inbox bytes dropped to find a frame boundary after a crash
-WRITES_REFUSED = 11  # 1 while the shard cannot commit: the front end refuses writes for it
-COMMITS = 12
-DROPPED_REPLIES = 13  # replies whose worker thread was gone (or not reading): dropped, never waited on
-DOZING = 14  # 1 while the shard lets events gather and sleeps on its doorbell: a reader must ring it
 # Time from a front end accepting an event to its shard applying it: a histogram with the
-# bucket bounds below (seconds), then the sum in microseconds and the count.
+# bucket bounds below (seconds), then +Inf; buckets are cumulative only when rendered.
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-APPLY_HIST = 16  # first bucket; buckets are cumulative only when rendered
-APPLY_SUM_US = APPLY_HIST + len(APPLY_BUCKETS) + 1
-APPLY_COUNT = APPLY_SUM_US + 1
-ROW_FIELDS = 40
+
+# Per-shard fields: offsets into the shard's row, in the order declared.
+ROW = Layout("status board shard row")
+PID = ROW.field("pid")
+STATE = ROW.field("state")
+HEARTBEAT_NS = ROW.field("heartbeat_ns")  # time.monotonic_ns() of the shard's last loop turn
+RESTARTS = ROW.field("restarts")
+STATE_LOST = ROW.field("state_lost")  # restarts that lost state (memory-only mode)
+RECEIVED = ROW.field("received")  # events read from the inbox
+APPLIED = ROW.field("applied")
+STALE = ROW.field("stale")  # ignored: version <= stored version
+PRODUCTS = ROW.field("products")
+READS = ROW.field("reads")
+SKIPPED_BYTES = ROW.field("skipped_bytes")  # inbox bytes dropped to find a frame boundary after a crash
+WRITES_REFUSED = ROW.field("writes_refused")  # 1 while the shard cannot commit: the front end refuses writes
+COMMITS = ROW.field("commits")
+DROPPED_REPLIES = ROW.field("dropped_replies")  # replies whose worker thread was gone (or not reading)
+DOZING = ROW.field("dozing")  # 1 while the shard lets events gather on its doorbell: a reader must ring it
+APPLY_HIST = ROW.field("apply_hist", len(APPLY_BUCKETS) + 1)  # the buckets, then +Inf
+APPLY_SUM_US = ROW.field("apply_sum_us")
+APPLY_COUNT = ROW.field("apply_count")
+ROW_FIELDS = ROW.size()  # whole cache lines: each row has its own writer
 
 # Global fields, after the shard rows.
-G_STOPPING = 0
-GLOBAL_FIELDS = 8
+GLOBALS = Layout("status board globals")
+G_STOPPING = GLOBALS.field("stopping")
+GLOBAL_FIELDS = GLOBALS.size()
 
 
 HEARTBEAT_STALE_S = 5.0  # an idle shard beats every second; five missed beats means stuck

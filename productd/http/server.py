@@ -16,7 +16,7 @@ from gunicorn.app.base import Application
 from productd import logs
 from productd.actors.client import ShardClient
 from productd.actors.supervisor import Frontend
-from productd.config import Settings
+from productd.config import OPTIONS, Settings
 from productd.http.app import create_app
 from productd.http.stats import HttpStats
 
@@ -46,10 +46,10 @@ class GunicornServer(Application):
             self.load_config_from_file(s.gunicorn_config)
         cfg = self.cfg
         cfg.set("bind", [f"fd://{fd}" for fd in self.frontend.listener_fds])
-        cfg.set("workers", s.workers)
+        for option in OPTIONS:  # workers, graceful_timeout, loglevel
+            if option.gunicorn:
+                cfg.set(option.gunicorn, option.to_gunicorn(getattr(s, option.dest)))
         cfg.set("worker_class", "productd.http.worker.ProductdWorker")
-        cfg.set("graceful_timeout", max(1, round(s.graceful_timeout)))
-        cfg.set("loglevel", s.log_level)
         cfg.set("logger_class", GunicornLogger)
         cfg.set("proc_name", "productd")
         if "control_socket_disable" in cfg.settings:

@@ -11,22 +11,28 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_left
 
+from productd.config import SHARDS
+from productd.layout import Layout
+
 ROUTES = ("events", "product", "healthz", "readyz", "metrics", "openapi", "other")
 METHODS = ("GET", "POST", "other")
 STATUSES = (200, 202, 400, 401, 404, 405, 413, 415, 422, 500, 503, 504, 0)  # 0: any other
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MAX_SHARDS = 64
+MAX_SHARDS = SHARDS.high  # the most --shards takes: a rejected counter for each
+REJECTED_SERIES = "productd_events_rejected_total"  # the one per-shard series this table renders
 
 _ROUTE = {name: i for i, name in enumerate(ROUTES)}
 _METHOD = {name: i for i, name in enumerate(METHODS)}
 _STATUS = {code: i for i, code in enumerate(STATUSES)}
 
-_REQUESTS = 0
-_HIST = _REQUESTS + len(ROUTES) * len(METHODS) * len(STATUSES)
+# One worker's slot: its fields in order, each a block of counters.
+SLOT = Layout("HTTP stats slot")
+_REQUESTS = SLOT.field("requests", len(ROUTES) * len(METHODS) * len(STATUSES))  # by route, method, status
 _HIST_ROW = len(LATENCY_BUCKETS) + 3  # buckets, +Inf, sum (microseconds), count
-_REJECTED = _HIST + len(ROUTES) * _HIST_ROW  # events refused with 503, per shard
-_LATE = _REJECTED + MAX_SHARDS  # shard replies that came after their request had timed out
-SLOT_FIELDS = _LATE + 1
+_HIST = SLOT.field("latency", len(ROUTES) * _HIST_ROW)  # a histogram per route
+_REJECTED = SLOT.field("rejected", MAX_SHARDS)  # events refused with 503, per shard
+_LATE = SLOT.field("late_replies", 1)  # shard replies that came after their request had timed out
+SLOT_FIELDS = SLOT.size()
 
 
 class HttpStats:
@@ -110,10 +116,10 @@ class HttpStats:
             lines.append(f'productd_http_request_duration_seconds_sum{{route="{route}"}} {total_us / 1e6}')
             lines.append(f'productd_http_request_duration_seconds_count{{route="{route}"}} {count}')
         lines += [
-            "# HELP productd_events_rejected_total Events refused with 503 (inbox full, shard down), by shard.",
-            "# TYPE productd_events_rejected_total counter",
+            f"# HELP {REJECTED_SERIES} Events refused with 503 (inbox full, shard down), by shard.",
+            f"# TYPE {REJECTED_SERIES} counter",
         ]
-        lines += [f'productd_events_rejected_total{{shard="{s}"}} {self._total(_REJECTED + s)}' for s in range(shards)]
+        lines += [f'{REJECTED_SERIES}{{shard="{s}"}} {self._total(_REJECTED + s)}' for s in range(shards)]
         lines += [
             "# HELP productd_late_replies_total Shard replies that arrived after their request had timed out "
             "(answered 504, or 503 in sync mode); dropped.",

@@ -12,6 +12,7 @@ import re
 
 import orjson
 
+from productd.config import OPTION
 from productd.http.problems import Problem
 
 INT64_MAX = 2**63 - 1
@@ -19,7 +20,7 @@ FIELDS = frozenset(("product_id", "price", "stock", "version"))
 PRODUCT_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 PRODUCT_ID_RULE = "1 to 128 characters, each a letter, digit or one of -._~:@, and not '.' or '..'"
 MAX_REPORTED_ERRORS = 100
-DEFAULT_MAX_EVENTS = 10_000  # --max-events
+DEFAULT_MAX_EVENTS: int = OPTION["max-events"].default
 
 Event = tuple  # (product_id, price | None, stock | None, version | None)
 
