@@ -87,3 +87,14 @@ def test_a_reshard_waits_until_the_recovery_files_are_committed(tmp_path):
     assert data.read_meta()["shards"] == 2
     recovery.RecoveryFile(pending).clear()
     assert data.prepare(3, 4, True, shard_for)[1] == 3
+
+
+@pytest.mark.parametrize("length", [2**63, 2**40, 2**33])
+def test_a_header_with_a_huge_length_is_refused_not_read(tmp_path, length):
+    path = tmp_path / "shard-001.recovery"
+    recovery.RecoveryFile(str(path)).save(RECORDS[:2])
+    data = bytearray(path.read_bytes())
+    data[8:16] = length.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(recovery.RecoveryFileError, match="damaged"):
+        recovery.read(str(path))

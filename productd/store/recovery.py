@@ -50,7 +50,9 @@ def read(path: str) -> list[tuple[str, bytes]]:
             if len(header) < HEADER_SIZE or header == _EMPTY:
                 return []
             magic, length, count, crc = _HEADER.unpack(header)
-            payload = f.read(length) if magic == MAGIC else b""
+            # A damaged length must not make us read (or allocate) past the file's end.
+            fits = magic == MAGIC and length <= os.fstat(f.fileno()).st_size - HEADER_SIZE
+            payload = f.read(length) if fits else b""
     except FileNotFoundError:
         return []
     except OSError as exc:
