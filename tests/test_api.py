@@ -6,7 +6,7 @@ import http.client
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -19,7 +19,7 @@ PRODUCT_KEYS = {"product_id", "price", "stock", "version", "updated_at"}
 def parse_ts(value: str) -> datetime:
     assert isinstance(value, str) and RFC3339_UTC.match(value), f"not RFC 3339 UTC with Z: {value!r}"
     head, _, frac = value[:-1].partition(".")
-    ts = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    ts = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
     if frac:
         ts += timedelta(microseconds=int(frac[:6].ljust(6, "0")))
     return ts
@@ -108,7 +108,7 @@ def test_json_with_charset(service, ctype):
 
 def test_get_shape_and_updated_at(service):
     pid = uid("shape")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     assert service.post({"product_id": pid, "price": 3, "stock": 4, "version": 9}).status_code == 202
     r = service.get(pid)
     assert r.status_code == 200
