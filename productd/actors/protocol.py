@@ -34,7 +34,9 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 # The message kinds by code, the first item of a body's header array: see `message`.
 KINDS: dict[int, type] = {}
 
-EVENTS, GET, STOP = 0, 1, 2  # the codes, by the names the front end and older tests use
+# The codes, by the names the front end and older tests use. 6 and 7 are the listing's and the
+# change feed's.
+EVENTS, GET, STOP, WRITE, GET_MANY, PART = 0, 1, 2, 3, 4, 5
 
 _new_tuple = tuple.__new__
 
@@ -111,6 +113,75 @@ class Stop(NamedTuple):
         return _packb((STOP,))
 
 
+@message
+class Write(NamedTuple):
+    """A catalogue write (productd.store.catalogue): the shard answers [request_id, [outcome,
+    value]] on reply_to, once it has committed the write with sync durability."""
+
+    reply_to: bytes
+    request_id: int
+    op: int  # catalogue.CREATE, PUT, PATCH or DELETE
+    product_id: str
+    fields: dict | None  # PUT and CREATE: every field; PATCH: the merge patch; DELETE: None
+    if_match: str | tuple | None  # "*", a tuple of revisions, or None
+    if_none_match: str | None  # "*" or None
+
+    KIND = WRITE
+
+    @staticmethod
+    def pack(reply_to, request_id, op, product_id, fields, if_match, if_none_match) -> bytes:
+        return _packb((WRITE, reply_to, request_id, op, product_id, fields, if_match, if_none_match))
+
+
+@message
+class GetMany(NamedTuple):
+    """Read several products of one shard: the answer is a list of packed records (None for an
+    unknown id) in the order of `product_ids`."""
+
+    reply_to: bytes
+    request_id: int
+    product_ids: tuple[str, ...]
+
+    KIND = GET_MANY
+
+    @staticmethod
+    def pack(reply_to: bytes, request_id: int, product_ids) -> bytes:
+        return _packb((GET_MANY, reply_to, request_id, tuple(product_ids)))
+
+
+@message
+class Part(NamedTuple):
+    """A piece of a message body too big for one frame (`message_frames`). The shard joins the
+    pieces of one (reply_to, request_id) and handles the whole body once the last has come;
+    other writers' frames may come between them, and the message applies where its last
+    piece is in the inbox."""
+
+    reply_to: bytes
+    request_id: int
+    last: bool
+    chunk: bytes
+
+    KIND = PART
+
+    @staticmethod
+    def pack(reply_to: bytes, request_id: int, last: bool, chunk: bytes) -> bytes:
+        return _packb((PART, reply_to, request_id, last, chunk))
+
+
+# Room a Part header takes beside its reply address and chunk: fixarray, kind, bin header of the
+# address (3), request id (9), the flag and the chunk's bin header (3) is 18; rounded up.
+PART_HEADER_ROOM = 32
+
+
+def message_frames(body: bytes, reply_to: bytes, request_id: int) -> list[bytes]:
+    """The frames that carry one message body: the body itself when it fits, else Parts."""
+    if len(body) <= MAX_BODY:
+        return [frame(body)]
+    room = MAX_BODY - PART_HEADER_ROOM - len(reply_to)
+    chunks = [body[start:start + room] for start in range(0, len(body), room)]
+    return [frame(Part.pack(reply_to, request_id, i == len(chunks) - 1, chunk)) for i, chunk in enumerate(chunks)]
+
+
 # Room the header array of an Events frame may take beside its reply address: fixarray (1),
 # kind (1), bin header (at most 3), then request id, accepted_ns and count (at most 9 each,
 # msgpack's widest integers) is 32; tests/test_protocol.py builds the widest header there is.
@@ -167,13 +238,34 @@ def stop_frame() -> bytes:
     return frame(Stop.pack())
 
 
+# A reply bigger than this travels as several datagrams (`reply_datagrams`): a Unix datagram
+# must fit the sender's socket buffer whole, and the front end reads at most MAX_REPLY at once.
+REPLY_PART = 32 * 1024
+MAX_REPLY = 65536
+
+
 def pack_reply(request_id: int, payload: object) -> bytes:
     return _packb((request_id, payload))
 
 
-def unpack_reply(data: bytes) -> tuple[int, object]:
-    request_id, payload = msgpack.unpackb(data, raw=False)
-    return request_id, payload
+def reply_datagrams(request_id: int, payload: object) -> list[bytes]:
+    """[request_id, payload] in one datagram, or, when that is too big, the packed payload cut
+    into [request_id, chunk, parts left after this one] datagrams."""
+    whole = _packb((request_id, payload))
+    if len(whole) <= REPLY_PART:
+        return [whole]
+    packed = _packb(payload)
+    chunks = [packed[start:start + REPLY_PART] for start in range(0, len(packed), REPLY_PART)]
+    return [_packb((request_id, chunk, len(chunks) - 1 - i)) for i, chunk in enumerate(chunks)]
+
+
+def unpack_reply(data: bytes) -> tuple:
+    """(request_id, payload), or (request_id, chunk, parts left) for a piece of a big reply."""
+    return msgpack.unpackb(data, raw=False)
+
+
+def unpack_payload(chunks: list[bytes]) -> object:
+    return msgpack.unpackb(b"".join(chunks), raw=False)
 
 
 class FrameReader:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from productd.actors import protocol
 
-MAX_REPLY = 65536
+MAX_REPLY = protocol.MAX_REPLY
 DEFAULT_QLEN = 10
 
 
@@ -44,6 +44,7 @@ class ReplySockets:
         self.in_use: list[int] = []
         self.with_room: list[int] = []  # indexes of sockets below capacity
         self.waiting: dict[int, tuple[asyncio.Future, int]] = {}  # request id -> (its reply, socket index)
+        self.pieces: dict[int, list[bytes]] = {}  # request id -> the pieces of a big reply so far
 
     def expect(self, request_id: int) -> tuple[asyncio.Future, bytes]:
         """A future for the reply to `request_id` and the address to have it sent to."""
@@ -63,6 +64,7 @@ class ReplySockets:
         entry = self.waiting.pop(request_id, None)
         if entry is not None:
             self._give(entry[1])
+        self.pieces.pop(request_id, None)
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -105,7 +107,18 @@ class ReplySockets:
                 data = recv(MAX_REPLY)
             except (BlockingIOError, InterruptedError):
                 return
-            request_id, payload = unpack(data)
+            reply = unpack(data)
+            request_id, payload = reply[0], reply[1]
+            if len(reply) == 3:  # a piece of a big reply: (request id, chunk, pieces left)
+                if request_id not in waiting:
+                    self.late_reply()
+                    continue
+                pieces = self.pieces.setdefault(request_id, [])
+                pieces.append(payload)
+                if reply[2]:
+                    continue
+                del self.pieces[request_id]
+                payload = protocol.unpack_payload(pieces)
             entry = waiting.pop(request_id, None)
             if entry is None:
                 self.late_reply()  # its request timed out (504) or went away: nobody to give it to

@@ -7,6 +7,7 @@ without blocking: a reply to a front-end thread that has gone away is dropped.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -19,9 +20,10 @@ import msgpack
 from productd.actors import protocol, status
 from productd.actors.inbox import silence
 from productd.actors.status import StatusBoard
-from productd.store import recovery
+from productd.store import catalogue, recovery
+from productd.store.changes import ChangeLog
 from productd.store.memory import ShardStore
-from productd.store.record import unpack_fields
+from productd.store.record import revision
 from productd.store.sqlite import ShardFile, StoreFileError
 
 log = logging.getLogger("productd.shard")
@@ -31,6 +33,14 @@ IDLE_TICK = 1.0  # heartbeat period of an idle shard, seconds
 RETRY_COMMIT = 1.0  # seconds between attempts after a failed commit
 LOAD_REPORT_EVERY = 100_000
 STALE_REPORT_EVERY = 10.0  # seconds: stale events are logged as a summary, not one line each
+# Pieces of a message that is cut into frames (protocol.Part) wait this long for the rest: a
+# front end that died half way leaves pieces that nobody will finish.
+PARTS_TIMEOUT = 30.0
+MAX_PARTS_BYTES = 64 * 1024 * 1024  # past this the oldest unfinished message is dropped
+# The pieces of a big reply that did not fit the reply socket at once are sent again for this
+# long (each loop turn, at most OUTBOX_TICK apart); then they are dropped and counted.
+OUTBOX_TIMEOUT = 10.0
+OUTBOX_TICK = 0.002
 # Exit codes of a shard that was told to stop but could not commit everything it had applied.
 EXIT_SAVED = 75  # EX_TEMPFAIL: the changes are in its recovery file; the next start commits them
 EXIT_LOST = 74  # EX_IOERR: they could not be saved anywhere either; the log says how many were lost
@@ -64,6 +74,7 @@ class Shard:
         apply_delay: float = 0.0,
         stop_timeout: float = 30.0,
         recovery_reserve: int = 0,
+        change_history: int = 100_000,
     ) -> None:
         self.id = shard_id
         self.inbox_fd = inbox_fd
@@ -71,6 +82,7 @@ class Shard:
         self.apply_delay = apply_delay
         self.board = board
         self.store = ShardStore()
+        self.changes = ChangeLog(change_history)
         self.replies = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.reader = protocol.FrameReader()
         self.unpacker = protocol.body_unpacker()
@@ -88,6 +100,9 @@ class Shard:
         self.commit_failing = False
         self.reads_answered = 0  # reads in the last batch handled
         self.batch = _Batch()  # reused by every handle(): allocating one per call costs a GET 0.2 us
+        self.parts: dict[tuple[bytes, int], tuple[float, list[bytes]]] = {}  # unfinished Part messages
+        self.parts_bytes = 0
+        self.outbox: collections.deque = collections.deque()  # (deadline, address, datagrams left)
 
     def load(self) -> None:
         if self.file is None:
@@ -102,6 +117,7 @@ class Shard:
                 log.info("shard %d loading: %d products so far", sid, count)
         log.info("shard %d loaded %d products from %s in %.2fs",
                  sid, len(store), self.file.path, time.monotonic() - started)
+        self.changes.load(self.file.changes(self.changes.keep), self.file.max_revision())
         self._apply_recovery()
         try:
             self.recovery.reserve(self.recovery_reserve)
@@ -122,10 +138,10 @@ class Shard:
         store = self.store
         for product_id, packed in records:
             current = store.get_packed(product_id)
-            if current is None or unpack_fields(current)[3] < unpack_fields(packed)[3]:
-                store.load(product_id, packed)
+            if packed is None or current is None or revision(current) < revision(packed):
+                store.put(product_id, packed)
         try:
-            self.file.save((product_id, store.get_packed(product_id)) for product_id, _ in records)
+            self.file.save([(product_id, store.get_packed(product_id)) for product_id, _ in records])
         except Exception as exc:
             raise StoreFileError(
                 f"shard {self.id} cannot commit the {len(records)} products of its recovery file "
@@ -164,6 +180,8 @@ class Shard:
         while True:
             board.beat(sid)
             self._report_stale()
+            if self.outbox:
+                self._send_outbox()
             checking, self.recheck = self.recheck, False
             if not checking and not self._wait():
                 self.commit_if_due()  # a heartbeat or a commit while the events gather
@@ -183,6 +201,8 @@ class Shard:
             wake_at = min(wake_at, self.next_commit)
         if self.dozing:
             wake_at = min(wake_at, self.doze_until)
+        if self.outbox:
+            wake_at = min(wake_at, now + OUTBOX_TICK)
         # +1: poll counts whole milliseconds, and waking a little early would spin
         ready = (self._dozing_poll if self.dozing else self._awake).poll(max(0, int((wake_at - now) * 1000) + 1))
         rang = False
@@ -280,8 +300,10 @@ class Shard:
         """Save every changed product in one transaction, then answer the frames waiting for it."""
         if self.file is not None and self.dirty:
             records = self.store.get_packed
+            changes = self.changes
             try:
-                self.file.save((product_id, records(product_id)) for product_id in self.dirty)
+                self.file.save([(product_id, records(product_id)) for product_id in self.dirty],
+                               changes.unsaved, changes.head - changes.keep)
             except Exception as exc:  # disk full, I/O error, ...: keep the changes and retry
                 self.next_commit = time.monotonic() + RETRY_COMMIT
                 self.last_commit_error = str(exc)
@@ -293,6 +315,7 @@ class Shard:
                 self._answer_acks(f"shard {self.id} could not commit: {exc}")
                 return False
             self.dirty.clear()
+            self.changes.saved()
             self.uncommitted_events = 0
             self.board.add(self.id, status.COMMITS, 1)
             if self.commit_failing:
@@ -304,8 +327,13 @@ class Shard:
         return True
 
     def _answer_acks(self, error: str | None) -> None:
-        for address, request_id in self.pending_acks:
-            self.reply(address, request_id, error)
+        """Answer what waited for a commit: an Events frame gets None or the error; a catalogue
+        write gets its outcome, or FAILED with the error."""
+        for address, request_id, outcome in self.pending_acks:
+            if outcome is None:
+                self.reply(address, request_id, error)
+            else:
+                self.reply(address, request_id, outcome if error is None else [catalogue.FAILED, error])
         self.pending_acks.clear()
 
     def handle(self, bodies: list[bytes]) -> bool:
@@ -315,7 +343,7 @@ class Shard:
         handlers = HANDLERS
         batch = self.batch
         batch.now = time.time_ns()  # one read of the inbox is applied at one moment
-        batch.received = batch.applied = batch.reads = 0
+        batch.received = batch.applied = batch.reads = batch.writes = 0
         stop = False
         for body in bodies:
             items.feed(body)  # whole, CRC-checked bodies: the unpacker is empty after each
@@ -325,9 +353,12 @@ class Shard:
                 break
         if self.file is None:
             self.dirty.clear()
+            self.changes.saved()
         else:
             self.uncommitted_events += batch.applied
         received = batch.received
+        if batch.writes:
+            board.set(sid, status.PRODUCTS, len(store))
         if received:  # a batch of reads alone touches one counter: this runs once per wake-up
             applied = batch.applied
             board.observe_applies(sid, batch.now, batch.waits)
@@ -339,7 +370,7 @@ class Shard:
         reads = batch.reads
         if reads:
             board.add(sid, status.READS, reads)
-        self.reads_answered = reads
+        self.reads_answered = reads + batch.writes  # someone waits for these: no doze after them
         if self.reader.skipped:
             board.add(sid, status.SKIPPED_BYTES, self.reader.skipped)
             log.warning("shard %d skipped %d bytes of a frame its predecessor had half read",
@@ -356,18 +387,27 @@ class Shard:
 
     def _on_events(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
         _, reply_to, request_id, accepted_ns, count = head  # protocol.Events
-        store, dirty, now = self.store, self.dirty, batch.now
+        apply, dirty, now = self.store.apply, self.dirty, batch.now
+        changes = self.changes
+        seq = changes.head
+        history, unsaved = changes.entries.append, changes.unsaved.append
         received = applied = 0
         for product_id, price, stock, version in items:
             received += 1
-            if store.apply(product_id, price, stock, version, now):
+            new = apply(product_id, price, stock, version, now, seq + 1)
+            if new is not None:
+                seq += 1
+                entry = (seq, product_id, new)
+                history(entry)
+                unsaved(entry)
                 applied += 1
                 dirty.add(product_id)
+        changes.head = seq
         batch.received += received
         batch.applied += applied
         batch.waits.append((accepted_ns, count))
         if reply_to is not None:
-            self.pending_acks.append((reply_to, request_id))
+            self.pending_acks.append((reply_to, request_id, None))
         return False
 
     def _on_get(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
@@ -379,24 +419,105 @@ class Shard:
     def _on_stop(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
         return True
 
+    def _on_write(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, op, product_id, fields, if_match, if_none_match = head  # protocol.Write
+        if type(if_match) is list:
+            if_match = tuple(if_match)
+        changes = self.changes
+        seq = changes.head + 1
+        outcome, value = catalogue.apply(
+            self.store.get_packed(product_id), op, fields, if_match, if_none_match, batch.now, seq
+        )
+        batch.writes += 1
+        if outcome in (catalogue.OK, catalogue.CREATED):
+            self.store.put(product_id, value)
+            changes.append(seq, product_id, value)
+            self.dirty.add(product_id)
+            if self.durability == "sync" and self.file is not None:
+                self.pending_acks.append((reply_to, request_id, [outcome, value]))
+                return False
+        self.reply(reply_to, request_id, [outcome, value])
+        return False
+
+    def _on_get_many(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, product_ids = head  # protocol.GetMany
+        get = self.store.get_packed
+        batch.reads += 1
+        self.reply(reply_to, request_id, [get(product_id) for product_id in product_ids])
+        return False
+
+    def _on_part(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, last, chunk = head  # protocol.Part
+        key = (reply_to, request_id)
+        now = time.monotonic()
+        entry = self.parts.get(key)
+        if entry is None:
+            entry = self.parts[key] = (now, [])
+            self._drop_old_parts(now)
+        entry[1].append(chunk)
+        self.parts_bytes += len(chunk)
+        if not last:
+            return False
+        del self.parts[key]
+        body = b"".join(entry[1])
+        self.parts_bytes -= len(body)
+        whole = protocol.body_unpacker()  # the shared one is in the middle of this Part's body
+        whole.feed(body)
+        inner = whole.unpack()
+        return HANDLERS.get(inner[0], _ignore)(self, inner, whole, batch)
+
+    def _drop_old_parts(self, now: float) -> None:
+        """Forget messages whose last piece did not come in time, or the oldest when they hold too much."""
+        for key, (started, chunks) in list(self.parts.items()):
+            if now - started < PARTS_TIMEOUT and self.parts_bytes <= MAX_PARTS_BYTES:
+                break  # oldest first: dicts keep insertion order
+            del self.parts[key]
+            self.parts_bytes -= sum(map(len, chunks))
+            log.warning("shard %d dropped an unfinished message of %d pieces (its sender stopped sending)",
+                        self.id, len(chunks))
+
     def reply(self, address: bytes, request_id: int, payload: object) -> None:
-        try:
-            self.replies.sendto(protocol.pack_reply(request_id, payload), socket.MSG_DONTWAIT, address)
-        except OSError as exc:
-            # ECONNREFUSED/ENOENT: the asking thread is gone; EAGAIN: it stopped reading.
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
-                raise
-            self.board.add(self.id, status.DROPPED_REPLIES, 1)
+        datagrams = protocol.reply_datagrams(request_id, payload)
+        if len(datagrams) == 1:
+            try:
+                self.replies.sendto(datagrams[0], socket.MSG_DONTWAIT, address)
+            except OSError as exc:
+                # ECONNREFUSED/ENOENT: the asking worker is gone; EAGAIN: it stopped reading.
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+                    raise
+                self.board.add(self.id, status.DROPPED_REPLIES, 1)
+            return
+        # A big reply in pieces: what does not fit the socket now waits in the outbox (in order,
+        # behind any earlier big reply) and is sent as the front end reads.
+        self.outbox.append((time.monotonic() + OUTBOX_TIMEOUT, address, collections.deque(datagrams)))
+        self._send_outbox()
+
+    def _send_outbox(self) -> None:
+        outbox, send = self.outbox, self.replies.sendto
+        now = time.monotonic()
+        while outbox:
+            deadline, address, datagrams = outbox[0]
+            try:
+                while datagrams:
+                    send(datagrams[0], socket.MSG_DONTWAIT, address)
+                    datagrams.popleft()
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN and now < deadline:
+                    return  # the next loop turn tries again
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+                    raise
+                self.board.add(self.id, status.DROPPED_REPLIES, 1)
+            outbox.popleft()
 
 
 class _Batch:
     """What one handle() call gathers for the status board, written to it once at the end."""
 
-    __slots__ = ("now", "received", "applied", "reads", "waits")
+    __slots__ = ("now", "received", "applied", "reads", "writes", "waits")
 
     def __init__(self) -> None:
         self.now = 0
-        self.received = self.applied = self.reads = 0
+        self.received = self.applied = self.reads = self.writes = 0
         self.waits: list[tuple[int, int]] = []  # (accepted_at ns, events) per frame: the apply histogram
 
 
@@ -410,4 +531,7 @@ HANDLERS = {
     protocol.EVENTS: Shard._on_events,
     protocol.GET: Shard._on_get,
     protocol.STOP: Shard._on_stop,
+    protocol.WRITE: Shard._on_write,
+    protocol.GET_MANY: Shard._on_get_many,
+    protocol.PART: Shard._on_part,
 }

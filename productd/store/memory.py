@@ -21,17 +21,26 @@ class ShardStore:
         stock: int | None,
         version: int | None,
         now_ns: int,
-    ) -> bool:
-        """Merge one event; True if it changed the record, False if it was stale."""
-        new = merge(self._records.get(product_id), price, stock, version, now_ns)
-        if new is None:
-            return False
-        self._records[product_id] = new
-        return True
+        revision: int = 0,
+    ) -> bytes | None:
+        """Merge one event; the new record if it changed the product, None if it was stale."""
+        new = merge(self._records.get(product_id), price, stock, version, now_ns, revision)
+        if new is not None:
+            self._records[product_id] = new
+        return new
 
     def get_packed(self, product_id: str) -> bytes | None:
         return self._records.get(product_id)
 
-    def load(self, product_id: str, packed: bytes) -> None:
-        """Put a record read back from durable storage."""
-        self._records[product_id] = packed
+    def put(self, product_id: str, packed: bytes | None) -> None:
+        """Store a record (None deletes the product); also what loading from disk uses."""
+        if packed is None:
+            self._records.pop(product_id, None)
+        else:
+            self._records[product_id] = packed
+
+    load = put
+
+    def items(self):
+        """(product id, packed record) of every product, in no particular order."""
+        return self._records.items()

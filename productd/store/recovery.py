@@ -10,7 +10,7 @@ allocates the file to `reserve` bytes (posix_fallocate, or zeros where the file 
 and at stop it writes inside that room, which needs no new block. Layout:
 
     magic "PDRECOV1" | payload length u64 | record count u64 | crc32 of payload u32 | 4 zero bytes
-    payload: msgpack (product id, packed record) pairs, one after another
+    payload: msgpack (product id, packed record or None for a deleted product) pairs
 
 An all-zero header means "empty". The payload is written and synced before the header that
 makes it count, so a torn write leaves an empty file or a complete one.
@@ -25,6 +25,8 @@ import zlib
 from collections.abc import Iterable
 
 import msgpack
+
+from productd.store.record import upgrade
 
 MAGIC = b"PDRECOV1"
 _HEADER = struct.Struct("<8sQQI4x")
@@ -71,7 +73,8 @@ def read(path: str) -> list[tuple[str, bytes]]:
 def _records(payload: bytes) -> list[tuple[str, bytes]]:
     unpacker = msgpack.Unpacker(raw=False, use_list=False)
     unpacker.feed(payload)
-    return [(product_id, packed) for product_id, packed in unpacker]
+    # A record is None for a deleted product; a file from before the catalogue has 32-byte records.
+    return [(product_id, upgrade(packed)) for product_id, packed in unpacker]
 
 
 class RecoveryFile:

@@ -1,23 +1,28 @@
-"""The durable copy of one shard: an SQLite file in WAL mode, one row per product.
+"""The durable copy of one shard: an SQLite file in WAL mode, one row per product, and the
+shard's recent changes (the change feed's history).
 
-Columns are plain SQL types so an operator can read a shard with the sqlite3 shell:
+Product columns are plain SQL types so an operator can read a shard with the sqlite3 shell:
 
     sqlite3 data/layout-1-4/shard-000.sqlite3 \
-        "SELECT id, price, stock, version, datetime(updated_at_ns / 1e9, 'unixepoch') FROM products LIMIT 5"
+        "SELECT id, name, price, stock, version, datetime(updated_at_ns / 1e9, 'unixepoch') FROM products LIMIT 5"
+
+A change row holds the product's packed record after the change (productd.store.record; NULL
+for a delete). Schema 1 (before the catalogue) is upgraded in place at the first start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from urllib.parse import quote
 
-from productd.store.record import UNSET, pack_fields, unpack_fields
+from productd.store.record import CORE_SIZE, UNSET, details, pack_fields, unpack_fields
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 1.0  # seconds
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -25,9 +30,29 @@ CREATE TABLE IF NOT EXISTS products (
     price REAL,            -- NULL: never set
     stock INTEGER,         -- NULL: never set
     version INTEGER,       -- NULL: never set
-    updated_at_ns INTEGER NOT NULL
+    updated_at_ns INTEGER NOT NULL,
+    created_at_ns INTEGER,         -- NULL: written by schema 1, use updated_at_ns
+    revision INTEGER NOT NULL DEFAULT 0,
+    user_id TEXT,          -- NULL for a bare product (events only), with name, description, images
+    name TEXT,
+    description TEXT,
+    images TEXT            -- a JSON array of URLs
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY,
+    product_id TEXT NOT NULL,
+    record BLOB            -- the packed record after the change; NULL: the product was deleted
+);
 """
+_UPGRADE_FROM_1 = """
+ALTER TABLE products ADD COLUMN created_at_ns INTEGER;
+ALTER TABLE products ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE products ADD COLUMN user_id TEXT;
+ALTER TABLE products ADD COLUMN name TEXT;
+ALTER TABLE products ADD COLUMN description TEXT;
+ALTER TABLE products ADD COLUMN images TEXT;
+"""
+_COLUMNS = "id, price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description, images"
 
 
 class StoreFileError(Exception):
@@ -49,6 +74,8 @@ class ShardFile:
             # FULL fsyncs the WAL at every commit (an acknowledged event survives power loss);
             # NORMAL survives a crash of the process, which is what batch mode promises.
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+            if version == 1:
+                self._upgrade_from_1()
             self.db.executescript(_SCHEMA)
             if version == 0:
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -88,6 +115,20 @@ class ShardFile:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(shm)
 
+    def _upgrade_from_1(self) -> None:
+        """Add the catalogue's columns to a file from before them, in one transaction."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            for statement in filter(str.strip, _UPGRADE_FROM_1.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
     def _abandon(self) -> None:
         """Drop a connection to a file we refuse, without the checkpoint a normal close does."""
         if self.db is not None:
@@ -101,20 +142,47 @@ class ShardFile:
     def rows(self) -> Iterator[tuple[str, bytes]]:
         """Every product as (id, packed record)."""
         try:
-            for product_id, price, stock, version, updated_at_ns in self.db.execute(
-                "SELECT id, price, stock, version, updated_at_ns FROM products"
-            ):
-                yield product_id, pack_fields(price, stock, version, updated_at_ns)
-        except sqlite3.DatabaseError as exc:
+            for (product_id, price, stock, version, updated_at_ns, created_at_ns, revision,
+                 user_id, name, description, images) in self.db.execute(f"SELECT {_COLUMNS} FROM products"):
+                described = None if user_id is None else (user_id, name, description, tuple(json.loads(images or "[]")))
+                yield product_id, pack_fields(price, stock, version, updated_at_ns, created_at_ns, revision, described)
+        except (sqlite3.DatabaseError, ValueError) as exc:
             raise StoreFileError(f"{self.path} is corrupt: {exc}") from exc
 
-    def save(self, records: Iterable[tuple[str, bytes]]) -> int:
-        """Write these records in one transaction; returns how many. Raises sqlite3.Error."""
-        rows = [(product_id, *_sql_fields(packed)) for product_id, packed in records]
+    def changes(self, keep: int) -> list[tuple[int, str, bytes | None]]:
+        """The last `keep` changes, oldest first, as (seq, product id, packed record or None)."""
+        try:
+            rows = self.db.execute(
+                "SELECT seq, product_id, record FROM changes ORDER BY seq DESC LIMIT ?", (keep,)
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreFileError(f"{self.path} is corrupt: {exc}") from exc
+        rows.reverse()
+        return rows
+
+    def max_revision(self) -> int:
+        return self.db.execute("SELECT coalesce(max(revision), 0) FROM products").fetchone()[0]
+
+    def save(
+        self,
+        records: list[tuple[str, bytes | None]],
+        changes: Iterable[tuple[int, str, bytes | None]] = (),
+        forget_through: int = 0,
+    ) -> int:
+        """In one transaction: write these records (None: delete the product), add these
+        changes and drop the changes up to `forget_through`. Returns how many records.
+        Raises sqlite3.Error."""
+        rows = [(product_id, *_sql_fields(packed)) for product_id, packed in records if packed is not None]
+        gone = [(product_id,) for product_id, packed in records if packed is None]
         db = self.db
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            if gone:
+                db.executemany("DELETE FROM products WHERE id = ?", gone)
+            db.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", changes)
+            if forget_through > 0:
+                db.execute("DELETE FROM changes WHERE seq <= ?", (forget_through,))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -136,11 +204,22 @@ def _check_version(db: sqlite3.Connection, path: str) -> int:
     return version
 
 
+_NO_DETAILS = (None, None, None, None)
+
+
 def _sql_fields(packed: bytes) -> tuple:
-    price, stock, version, updated_at_ns = unpack_fields(packed)
+    price, stock, version, updated_at_ns, created_at_ns, revision = unpack_fields(packed)
+    if len(packed) == CORE_SIZE:
+        described = _NO_DETAILS
+    else:
+        user_id, name, description, images = details(packed)
+        described = (user_id, name, description, json.dumps(images))
     return (
         None if math.isnan(price) else price,
         None if stock == UNSET else stock,
         None if version == UNSET else version,
         updated_at_ns,
+        created_at_ns,
+        revision,
+        *described,
     )
