@@ -14,8 +14,10 @@ import socket
 import threading
 import time
 
+from frames import write_frame
+
 from productd.actors import protocol, status
-from productd.actors.inbox import Inbox, ring, write_frame
+from productd.actors.inbox import Inbox, ring
 from productd.actors.shard import Shard
 from productd.actors.status import StatusBoard
 from productd.store.record import unpack
