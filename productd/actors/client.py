@@ -291,9 +291,12 @@ class ShardClient:
         if bell >= 0 and (ALWAYS_RING or board.get(shard, status.DOZING)):
             ring(bell)
         try:
-            return await self._reply(request_id, future, deadline, loop)
+            payload = await self._reply(request_id, future, deadline, loop)
         except ShardTimeout:
             raise ShardTimeout(shard) from None
+        if payload == protocol.UNAVAILABLE:  # it read our GET after its STOP
+            raise ShardUnavailable(shard)
+        return payload
 
     def inbox_bytes(self, shard: int) -> int:
         return queued_bytes(self.inbox_fds[shard])

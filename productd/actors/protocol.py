@@ -12,6 +12,7 @@ anything twice. Each message kind is one NamedTuple below (`Events`, `Get`, `Sto
 header fields, its code and its `pack`; the shard has one handler per kind (shard.HANDLERS).
 
 Replies travel the other way as single datagrams: msgpack [request id, payload].
+A payload is bytes, None, a str or a list, or UNAVAILABLE (below), never any other int.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 KINDS: dict[int, type] = {}
 
 EVENTS, GET, STOP = 0, 1, 2  # the codes, by the names the front end and older tests use
+
+# The reply payload of a read that reached its shard after STOP: the shard is stopping and will
+# not answer it; the client raises ShardUnavailable (503 with Retry-After) at once rather than
+# have the reader wait out --read-timeout.
+UNAVAILABLE = -1
 
 _new_tuple = tuple.__new__
 

@@ -88,6 +88,7 @@ class Shard:
         self.commit_failing = False
         self.reads_answered = 0  # reads in the last batch handled
         self.batch = _Batch()  # reused by every handle(): allocating one per call costs a GET 0.2 us
+        self.handlers = HANDLERS  # STOPPING_HANDLERS once a STOP was read
 
     def load(self) -> None:
         if self.file is None:
@@ -233,11 +234,13 @@ class Shard:
     def finish(self) -> int:
         """Commit what is left after STOP; returns the exit code.
 
-        A commit that fails is retried for `stop_timeout` seconds while the shard goes on
-        answering what reaches its inbox. After that the changes go to the recovery file and
+        What is already queued behind the STOP is handled first (_drain). A commit that fails is
+        retried for `stop_timeout` seconds while the shard goes on handling what reaches its inbox
+        (events are applied, reads are answered UNAVAILABLE). After that the changes go to the recovery file and
         the shard exits with EXIT_SAVED, which the supervisor reports instead of restarting it.
         """
         deadline = time.monotonic() + self.stop_timeout
+        self._drain(deadline)
         while not self.commit():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -248,8 +251,17 @@ class Shard:
         log.info("shard %d drained its inbox and stops with %d products", self.id, len(self.store))
         return 0
 
+    def _drain(self, deadline: float) -> None:
+        """After STOP: handle what is already queued behind it (events are applied, reads are told
+        UNAVAILABLE), so nothing accepted is dropped and no reader waits out its timeout."""
+        while time.monotonic() < deadline:
+            data = self._read()
+            if not data:
+                return
+            self.handle(self.reader.feed(data))
+
     def _serve_for(self, seconds: float) -> None:
-        """While a stop waits to commit: answer whatever comes in for up to `seconds`."""
+        """While a stop waits to commit: handle whatever comes in for up to `seconds`."""
         self.board.beat(self.id)
         poller = select.poll()
         poller.register(self.inbox_fd, select.POLLIN)
@@ -309,10 +321,14 @@ class Shard:
         self.pending_acks.clear()
 
     def handle(self, bodies: list[bytes]) -> bool:
-        """Apply a batch of messages in order; True when one of them was STOP."""
+        """Apply a batch of messages in order; True when one of them was STOP.
+
+        What follows a STOP is still handled, by STOPPING_HANDLERS: events queued behind it were
+        accepted and are applied, reads are answered UNAVAILABLE.
+        """
         store, board, sid = self.store, self.board, self.id
         items = self.unpacker
-        handlers = HANDLERS
+        handlers = self.handlers
         batch = self.batch
         batch.now = time.time_ns()  # one read of the inbox is applied at one moment
         batch.received = batch.applied = batch.reads = 0
@@ -322,7 +338,7 @@ class Shard:
             head = items.unpack()
             if handlers.get(head[0], _ignore)(self, head, items, batch):
                 stop = True
-                break
+                handlers = self.handlers  # _on_stop switched to STOPPING_HANDLERS
         if self.file is None:
             self.dirty.clear()
         else:
@@ -377,7 +393,13 @@ class Shard:
         return False
 
     def _on_stop(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        self.handlers = STOPPING_HANDLERS
         return True
+
+    def _on_get_stopping(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, _ = head  # protocol.Get
+        self.reply(reply_to, request_id, protocol.UNAVAILABLE)
+        return False
 
     def reply(self, address: bytes, request_id: int, payload: object) -> None:
         try:
@@ -411,3 +433,5 @@ HANDLERS = {
     protocol.GET: Shard._on_get,
     protocol.STOP: Shard._on_stop,
 }
+# After a STOP: the same, but a read is answered UNAVAILABLE at once (the shard is about to exit).
+STOPPING_HANDLERS = {**HANDLERS, protocol.GET: Shard._on_get_stopping}
