@@ -169,8 +169,9 @@ class ProductResource:
         try:
             packed = await self.client.read(product_id)
         except ShardUnavailable as exc:
+            doing = "stopping" if self.client.stopping else "restarting"
             raise Problem(
-                503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is restarting",
+                503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is {doing}",
                 headers={"Retry-After": "1"},
             ) from None
         except ShardTimeout as exc:
