@@ -434,4 +434,5 @@ HANDLERS = {
     protocol.STOP: Shard._on_stop,
 }
 # After a STOP: the same, but a read is answered UNAVAILABLE at once (the shard is about to exit).
+# A new kind that a client waits on for an answer other than a commit wants its own entry here.
 STOPPING_HANDLERS = {**HANDLERS, protocol.GET: Shard._on_get_stopping}
