@@ -55,20 +55,21 @@ REPO_ROOT = BENCH_DIR.parent
 LUA_DIR = BENCH_DIR / "lua"
 
 
-def _load_test_service():
-    """tests/service.py: the one copy of the helpers that start and inspect a real server (the
-    checkout on PYTHONPATH, the readiness poll, the /proc scans, VmRSS), shared with the tests
-    instead of kept twice. The bench always runs from a checkout, so the file is there; tests/ is
-    not a package (pytest puts the directory itself on sys.path, as `service`), so load it by path
-    under a name of its own rather than put tests/ on the bench's sys.path."""
-    spec = importlib.util.spec_from_file_location("productd_test_service", REPO_ROOT / "tests" / "service.py")
+def load_test_module(name: str):
+    """tests/<name>.py, shared with the tests instead of kept twice: tests/service.py is the one
+    copy of the helpers that start and inspect a real server (the checkout on PYTHONPATH, the
+    readiness poll, the /proc scans, VmRSS), tests/frames.py writes frames into an inbox. The
+    bench always runs from a checkout, so the files are there; tests/ is not a package (pytest
+    puts the directory itself on sys.path, as `service`), so load each by path under a name of
+    its own rather than put tests/ on the bench's sys.path."""
+    spec = importlib.util.spec_from_file_location(f"productd_test_{name}", REPO_ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-service = _load_test_service()
+service = load_test_module("service")
 free_port = service.free_port
 descendants = service.descendants
 

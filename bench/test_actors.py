@@ -19,12 +19,15 @@ import time
 import pytest
 
 from bench import report
+from bench.live import load_test_module
 from bench.timing import pedantic_median
 from productd.actors import protocol, status
 from productd.actors.client import ShardClient
-from productd.actors.inbox import Inbox, write_frame
+from productd.actors.inbox import Inbox
 from productd.actors.shard import Shard
 from productd.actors.status import StatusBoard
+
+frames = load_test_module("frames")
 
 SECTION = "actors (ShardClient -> inbox pipe -> 1 shard process)"
 N_PRODUCTS = 10_000
@@ -63,7 +66,7 @@ def client(request, tmp_path_factory):
     c.submit([_event(i) for i in range(N_PRODUCTS)])  # every product exists
     c.read("p00000")
     yield c
-    write_frame(inbox.write_fd, protocol.stop_frame(), time.monotonic() + 30)
+    frames.write_frame(inbox.write_fd, protocol.stop_frame(), time.monotonic() + 30)
     proc.join(30)
     if proc.is_alive():
         proc.kill()

@@ -159,4 +159,5 @@ def test_the_shard_handles_every_kind_by_its_fields():
     assert shard.sent == [(other, 9, shard.store.get_packed("p2")), (address, 10, None)]
     assert shard.sent[0][2] is not None and board.get(0, status.READS) == 2
     assert shard.handle(_bodies(protocol.stop_frame(), protocol.get_frame(address, 11, "p1")))
-    assert len(shard.sent) == 2  # nothing after STOP in the same read is handled
+    # A read behind STOP in the same read of the inbox is told at once that the shard is stopping.
+    assert shard.sent[2:] == [(address, 11, protocol.UNAVAILABLE)]

@@ -389,7 +389,7 @@ def test_signal_to_every_process_still_stops_in_order(start_service, sig):
 def test_a_reply_to_a_dead_worker_is_dropped_and_the_shard_goes_on(start_service):
     """Shards answer without blocking; a reply to a worker that has gone is dropped.
 
-    (docs/design.md, "Reply sockets per handler thread".)
+    (docs/design.md, "The front end: one event loop per worker, replies as futures".)
     """
     svc = start_service(shards=1, workers=1, extra_args=["--read-timeout", "60"])
     pid = uid("orphan")

@@ -26,6 +26,25 @@ _PRODUCT = orjson.dumps(
 )
 
 
+# What the routes do, shared with bench.baselines.ceiling_wsgi: only reading the body differs.
+
+def answer_events(req: falcon.Request, resp: falcon.Response, body: bytes) -> None:
+    """Parse the body (JSON, or NDJSON line by line) and answer 202 with how many events it held."""
+    if (req.content_type or "").startswith("application/x-ndjson"):
+        n = sum(1 for line in body.splitlines() if line.strip() and orjson.loads(line) is not None)
+    else:
+        doc = orjson.loads(body)
+        n = len(doc) if isinstance(doc, list) else 1
+    resp.status = falcon.HTTP_202
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps({"accepted": n})
+
+
+def answer_product(resp: falcon.Response) -> None:
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = _PRODUCT
+
+
 class Worker(UvicornWorker):
     """uvicorn with the settings productd's worker (productd.http.worker) gives it, bar its protocol."""
 
@@ -41,21 +60,12 @@ class Worker(UvicornWorker):
 
 class Events:
     async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = await req.stream.read()
-        if (req.content_type or "").startswith("application/x-ndjson"):
-            n = sum(1 for line in body.splitlines() if line.strip() and orjson.loads(line) is not None)
-        else:
-            doc = orjson.loads(body)
-            n = len(doc) if isinstance(doc, list) else 1
-        resp.status = falcon.HTTP_202
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = orjson.dumps({"accepted": n})
+        answer_events(req, resp, await req.stream.read())
 
 
 class Product:
     async def on_get(self, req: falcon.Request, resp: falcon.Response, product_id: str) -> None:
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = _PRODUCT
+        answer_product(resp)
 
 
 app = falcon.asgi.App()

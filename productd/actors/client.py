@@ -21,6 +21,7 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from productd.actors import protocol, status
 from productd.actors.inbox import queued_bytes, ring
@@ -291,14 +292,96 @@ class ShardClient:
         if bell >= 0 and (ALWAYS_RING or board.get(shard, status.DOZING)):
             ring(bell)
         try:
-            return await self._reply(request_id, future, deadline, loop)
+            payload = await self._reply(request_id, future, deadline, loop)
         except ShardTimeout:
             raise ShardTimeout(shard) from None
+        if payload == protocol.UNAVAILABLE:  # it read our GET after its STOP
+            raise ShardUnavailable(shard)
+        return payload
 
     def inbox_bytes(self, shard: int) -> int:
         return queued_bytes(self.inbox_fds[shard])
+
+    # ---- what the HTTP side reads of the shards' health (/ready, /metrics): from here, not the board
+
+    @property
+    def stopping(self) -> bool:
+        """True once the service has begun to stop: no new events are taken."""
+        return self.board.stopping
+
+    def shard_health(self, shard: int) -> ShardHealth:
+        """The shard as the status board has it now; each field is read once, a moment apart."""
+        board = self.board
+        state = board.state(shard)
+        return ShardHealth(
+            state=status.STATE_NAMES.get(state, "unknown"),
+            alive=state in (status.STARTING, status.READY),
+            answering=status.answering(board, shard),
+            writes_refused=bool(board.get(shard, status.WRITES_REFUSED)),
+            pid=board.get(shard, status.PID),
+            dozing=bool(board.get(shard, status.DOZING)),
+            restarts=board.get(shard, status.RESTARTS),
+            state_lost=board.get(shard, status.STATE_LOST),
+            products=board.get(shard, status.PRODUCTS),
+            inbox_bytes=self.inbox_bytes(shard),
+            heartbeat_age=board.heartbeat_age(shard),
+        )
+
+    def shard_counters(self, shard: int) -> ShardCounters:
+        """The shard's running totals, for /metrics."""
+        get = self.board.get
+        return ShardCounters(*(get(shard, field) for field in _COUNTER_FIELDS))
+
+    def apply_delay(self, shard: int) -> ApplyDelay:
+        """The shard's histogram of the time from accepting an event to applying it."""
+        get = self.board.get
+        cumulative, buckets = 0, []
+        for i, bound in enumerate((*status.APPLY_BUCKETS, "+Inf")):
+            cumulative += get(shard, status.APPLY_HIST + i)
+            buckets.append((str(bound), cumulative))
+        return ApplyDelay(buckets, get(shard, status.APPLY_SUM_US) / 1e6, get(shard, status.APPLY_COUNT))
 
 
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(ShardTimeout(-1))
+
+
+class ShardHealth(NamedTuple):
+    """One shard's health as ShardClient.shard_health reads it from the status board."""
+
+    state: str  # "starting", "ready", "dead" (being restarted) or "stopped"
+    alive: bool  # starting or ready: a process is there
+    answering: bool  # ready, and went round its loop within the last few seconds
+    writes_refused: bool  # it cannot commit: writes get 503, reads are served
+    pid: int
+    dozing: bool
+    restarts: int
+    state_lost: int  # restarts that lost its products (memory-only mode)
+    products: int
+    inbox_bytes: int  # waiting in its inbox
+    heartbeat_age: float  # seconds since it last went round its loop
+
+
+class ShardCounters(NamedTuple):
+    """One shard's running totals (ShardClient.shard_counters)."""
+
+    received: int  # events read from the inbox
+    applied: int
+    stale: int
+    reads: int
+    commits: int
+    dropped_replies: int
+    skipped_bytes: int
+
+
+_COUNTER_FIELDS = (status.RECEIVED, status.APPLIED, status.STALE, status.READS, status.COMMITS,
+                   status.DROPPED_REPLIES, status.SKIPPED_BYTES)  # in ShardCounters' order
+
+
+class ApplyDelay(NamedTuple):
+    """One shard's apply-delay histogram (ShardClient.apply_delay)."""
+
+    buckets: list[tuple[str, int]]  # (upper bound in seconds, or "+Inf"; events up to it, cumulative)
+    sum_seconds: float
+    count: int

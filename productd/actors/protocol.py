@@ -12,6 +12,7 @@ anything twice. Each message kind is one NamedTuple below (`Events`, `Get`, `Sto
 header fields, its code and its `pack`; the shard has one handler per kind (shard.HANDLERS).
 
 Replies travel the other way as single datagrams: msgpack [request id, payload].
+A payload is bytes, None, a str or a list, or UNAVAILABLE (below), never any other int.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ KINDS: dict[int, type] = {}
 # The codes, by the names the front end and older tests use. 6 and 7 are the listing's and the
 # change feed's.
 EVENTS, GET, STOP, WRITE, GET_MANY, PART = 0, 1, 2, 3, 4, 5
+
+# The reply payload of a read that reached its shard after STOP: the shard is stopping and will
+# not answer it; the client raises ShardUnavailable (503 with Retry-After) at once rather than
+# have the reader wait out --read-timeout.
+UNAVAILABLE = -1
 
 _new_tuple = tuple.__new__
 

@@ -103,6 +103,7 @@ class Shard:
         self.parts: dict[tuple[bytes, int], tuple[float, list[bytes]]] = {}  # unfinished Part messages
         self.parts_bytes = 0
         self.outbox: collections.deque = collections.deque()  # (deadline, address, datagrams left)
+        self.handlers = HANDLERS  # STOPPING_HANDLERS once a STOP was read
 
     def load(self) -> None:
         if self.file is None:
@@ -253,11 +254,13 @@ class Shard:
     def finish(self) -> int:
         """Commit what is left after STOP; returns the exit code.
 
-        A commit that fails is retried for `stop_timeout` seconds while the shard goes on
-        answering what reaches its inbox. After that the changes go to the recovery file and
+        What is already queued behind the STOP is handled first (_drain). A commit that fails is
+        retried for `stop_timeout` seconds while the shard goes on handling what reaches its inbox
+        (events are applied, reads are answered UNAVAILABLE). After that the changes go to the recovery file and
         the shard exits with EXIT_SAVED, which the supervisor reports instead of restarting it.
         """
         deadline = time.monotonic() + self.stop_timeout
+        self._drain(deadline)
         while not self.commit():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -268,8 +271,17 @@ class Shard:
         log.info("shard %d drained its inbox and stops with %d products", self.id, len(self.store))
         return 0
 
+    def _drain(self, deadline: float) -> None:
+        """After STOP: handle what is already queued behind it (events are applied, reads are told
+        UNAVAILABLE), so nothing accepted is dropped and no reader waits out its timeout."""
+        while time.monotonic() < deadline:
+            data = self._read()
+            if not data:
+                return
+            self.handle(self.reader.feed(data))
+
     def _serve_for(self, seconds: float) -> None:
-        """While a stop waits to commit: answer whatever comes in for up to `seconds`."""
+        """While a stop waits to commit: handle whatever comes in for up to `seconds`."""
         self.board.beat(self.id)
         poller = select.poll()
         poller.register(self.inbox_fd, select.POLLIN)
@@ -337,10 +349,14 @@ class Shard:
         self.pending_acks.clear()
 
     def handle(self, bodies: list[bytes]) -> bool:
-        """Apply a batch of messages in order; True when one of them was STOP."""
+        """Apply a batch of messages in order; True when one of them was STOP.
+
+        What follows a STOP is still handled, by STOPPING_HANDLERS: events queued behind it were
+        accepted and are applied, reads are answered UNAVAILABLE.
+        """
         store, board, sid = self.store, self.board, self.id
         items = self.unpacker
-        handlers = HANDLERS
+        handlers = self.handlers
         batch = self.batch
         batch.now = time.time_ns()  # one read of the inbox is applied at one moment
         batch.received = batch.applied = batch.reads = batch.writes = 0
@@ -350,7 +366,7 @@ class Shard:
             head = items.unpack()
             if handlers.get(head[0], _ignore)(self, head, items, batch):
                 stop = True
-                break
+                handlers = self.handlers  # _on_stop switched to STOPPING_HANDLERS
         if self.file is None:
             self.dirty.clear()
             self.changes.saved()
@@ -417,6 +433,7 @@ class Shard:
         return False
 
     def _on_stop(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        self.handlers = STOPPING_HANDLERS
         return True
 
     def _on_write(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
@@ -464,7 +481,7 @@ class Shard:
         whole = protocol.body_unpacker()  # the shared one is in the middle of this Part's body
         whole.feed(body)
         inner = whole.unpack()
-        return HANDLERS.get(inner[0], _ignore)(self, inner, whole, batch)
+        return self.handlers.get(inner[0], _ignore)(self, inner, whole, batch)
 
     def _drop_old_parts(self, now: float) -> None:
         """Forget messages whose last piece did not come in time, or the oldest when they hold too much."""
@@ -475,6 +492,12 @@ class Shard:
             self.parts_bytes -= sum(map(len, chunks))
             log.warning("shard %d dropped an unfinished message of %d pieces (its sender stopped sending)",
                         self.id, len(chunks))
+
+    def _on_ask_stopping(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        """Behind a STOP, whatever asks for an answer (a read, a catalogue write) gets UNAVAILABLE
+        at once and changes nothing: its client is told to try again (503)."""
+        self.reply(head[1], head[2], protocol.UNAVAILABLE)  # every such kind: (kind, reply_to, request_id, ...)
+        return False
 
     def reply(self, address: bytes, request_id: int, payload: object) -> None:
         datagrams = protocol.reply_datagrams(request_id, payload)
@@ -534,4 +557,13 @@ HANDLERS = {
     protocol.WRITE: Shard._on_write,
     protocol.GET_MANY: Shard._on_get_many,
     protocol.PART: Shard._on_part,
+}
+# After a STOP: the same, but what waits for an answer (a read, a catalogue write) is answered
+# UNAVAILABLE at once: the shard is about to exit. Events are still applied: they were accepted.
+# A new kind that a client waits on wants its entry here.
+STOPPING_HANDLERS = {
+    **HANDLERS,
+    protocol.GET: Shard._on_ask_stopping,
+    protocol.WRITE: Shard._on_ask_stopping,
+    protocol.GET_MANY: Shard._on_ask_stopping,
 }

@@ -19,11 +19,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 
 from productd import logs
 from productd.actors import protocol, status
+from productd.actors.frontend import Frontend
 from productd.actors.inbox import Inbox, ring
 from productd.actors.listeners import ListenError, listen
 from productd.actors.routing import shard_for
@@ -49,16 +49,6 @@ STOP_NAG_EVERY = 10.0  # seconds between log lines about a shard that has not ta
 RECOVERY_RESERVE_MIN = 64 * 1024
 # The service's exit code after a stop: the most serious of what happened wins.
 _EXIT_SEVERITY = (0, 1, EXIT_SAVED, EXIT_LOST)
-
-
-@dataclass
-class Frontend:
-    """What the HTTP side is handed in the forked arbiter process."""
-
-    listener_fds: list[int]  # one per gunicorn worker, all bound to --bind with SO_REUSEPORT
-    inbox_fds: list[int]
-    bell_fds: list[int]
-    board: StatusBoard
 
 
 class StartupError(Exception):

@@ -59,7 +59,7 @@ class RequestLog:
     """Falcon middleware: headers, stats and the log line of each request.
 
     It runs for every request, on the loop that serves every connection of the worker, so it does
-    no more than it must (README, "Where the time goes").
+    no more than it must (bench/README.md, "Issue 11: the ASGI front end", where the time goes).
     """
 
     def __init__(self, stats: HttpStats, access_log: bool) -> None:

@@ -8,7 +8,6 @@ import time
 import falcon
 import orjson
 
-from productd.actors import status
 from productd.actors.client import ShardClient, ShardTimeout, ShardUnavailable
 from productd.http import validation
 from productd.http.connection import BODY_CUT
@@ -123,7 +122,7 @@ class Events:
 
     def _refused(self, result, total: int) -> Problem:
         reasons = []
-        if self.client.board.stopping:
+        if self.client.stopping:
             reasons.append("the service is stopping")
         else:
             if result.unavailable_shards:
@@ -170,8 +169,9 @@ class ProductResource:
         try:
             packed = await self.client.read(product_id)
         except ShardUnavailable as exc:
+            doing = "stopping" if self.client.stopping else "restarting"
             raise Problem(
-                503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is restarting",
+                503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is {doing}",
                 headers={"Retry-After": "1"},
             ) from None
         except ShardTimeout as exc:
@@ -210,30 +210,27 @@ class Ready:
         """503 when a shard is not answering or the service stops; 200 "degraded" when every shard
         answers but one or more refuse writes (reads are still served, so a load balancer should
         keep the instance for reads; the writes get 503 with Retry-After on their own)."""
-        board = self.client.board
+        client = self.client
         shards = []
-        ready = not board.stopping
+        ready = not client.stopping
         degraded = False
-        for shard in range(self.client.shards):
-            state = board.state(shard)
-            alive = state in (status.STARTING, status.READY)
-            answering = status.answering(board, shard)
-            refusing = bool(board.get(shard, status.WRITES_REFUSED))
-            ready = ready and answering
-            degraded = degraded or refusing
+        for shard in range(client.shards):
+            health = client.shard_health(shard)
+            ready = ready and health.answering
+            degraded = degraded or health.writes_refused
             shards.append(
                 {
                     "id": shard,
-                    "pid": board.get(shard, status.PID),
-                    "state": status.STATE_NAMES.get(state, "unknown"),
-                    "alive": alive,
-                    "ready": answering,
-                    "writes_refused": refusing,
-                    "inbox_bytes": self.client.inbox_bytes(shard),
-                    "dozing": bool(board.get(shard, status.DOZING)),
-                    "restarts": board.get(shard, status.RESTARTS),
-                    "state_lost": board.get(shard, status.STATE_LOST),
-                    "products": board.get(shard, status.PRODUCTS),
+                    "pid": health.pid,
+                    "state": health.state,
+                    "alive": health.alive,
+                    "ready": health.answering,
+                    "writes_refused": health.writes_refused,
+                    "inbox_bytes": health.inbox_bytes,
+                    "dozing": health.dozing,
+                    "restarts": health.restarts,
+                    "state_lost": health.state_lost,
+                    "products": health.products,
                 }
             )
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503

@@ -15,7 +15,7 @@ from gunicorn.app.base import Application
 
 from productd import logs
 from productd.actors.client import ShardClient
-from productd.actors.supervisor import Frontend
+from productd.actors.frontend import Frontend
 from productd.config import OPTIONS, Settings
 from productd.http.app import create_app
 from productd.http.stats import HttpStats
