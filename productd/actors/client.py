@@ -32,6 +32,8 @@ from productd.actors.status import StatusBoard
 # Skipping the ring when the shard is not dozing relies on the write to the inbox and the load of
 # the flag not being reordered (and likewise the shard's store of the flag and its read of the
 # inbox). The pipe's lock makes that so on x86; elsewhere a read always rings, one byte more.
+# Ids per GetMany: 128-character ids and a reply of full products stay a few frames each way.
+GET_MANY_IDS = 100
 ALWAYS_RING = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
 
 
@@ -41,6 +43,10 @@ class ShardUnavailable(Exception):
 
 class ShardTimeout(Exception):
     """The shard did not answer in time."""
+
+
+class InboxFull(ShardUnavailable):
+    """The shard's inbox stayed full until --enqueue-timeout: nothing of the request was applied."""
 
 
 class SupervisorGone(ShardUnavailable):
@@ -298,6 +304,77 @@ class ShardClient:
         if payload == protocol.UNAVAILABLE:  # it read our GET after its STOP
             raise ShardUnavailable(shard)
         return payload
+
+    async def ask(self, shard: int, pack: Callable[[bytes, int], bytes], *, write: bool = False) -> object:
+        """Send one message to `shard` and await its answer: `pack(reply address, request id)`
+        builds the body (cut into Parts when it does not fit one frame). The message travels
+        behind everything already in the shard's inbox.
+
+        Raises ShardUnavailable (the shard is down, stopping, or with `write`, refusing writes),
+        InboxFull (no room until --enqueue-timeout: nothing was applied) or ShardTimeout (no
+        answer within --read-timeout: a write may or may not have been applied).
+        """
+        if self.gone or not (self.writable(shard) if write else self.board.state(shard) == status.READY):
+            raise ShardUnavailable(shard)
+        loop = self._start()
+        replies = self._replies
+        request_id = next(self._ids)
+        future, address = replies.expect(request_id)
+        now = loop.time()
+        enqueue_deadline = now + self.enqueue_timeout
+        bell = self.bell_fds[shard] if self.bell_fds else -1
+        fd = self.inbox_fds[shard]
+        try:
+            for frame in protocol.message_frames(pack(address, request_id), address, request_id):
+                if not await self._write(fd, frame, enqueue_deadline, bell, loop):
+                    raise InboxFull(shard)
+        except SupervisorGone:
+            replies.forget(request_id)
+            raise ShardUnavailable(shard) from None
+        except BaseException:
+            replies.forget(request_id)
+            raise
+        if bell >= 0 and (ALWAYS_RING or self.board.get(shard, status.DOZING)):
+            ring(bell)
+        try:
+            payload = await self._reply(request_id, future, now + self.read_timeout, loop)
+        except ShardTimeout:
+            raise ShardTimeout(shard) from None
+        if payload == protocol.UNAVAILABLE:  # it read the message after its STOP
+            raise ShardUnavailable(shard)
+        return payload
+
+    async def write(
+        self, product_id: str, op: int, fields: dict | None, if_match=None, if_none_match=None
+    ) -> tuple[int, object]:
+        """A catalogue write through the product's shard: (outcome, value) as in productd.store.catalogue."""
+        outcome, value = await self.ask(
+            shard_for(product_id, self.shards),
+            lambda address, request_id: protocol.Write.pack(
+                address, request_id, op, product_id, fields, if_match, if_none_match
+            ),
+            write=True,
+        )
+        return outcome, value
+
+    async def read_many(self, product_ids: list[str]) -> dict[str, bytes | None]:
+        """Several products at once: one GetMany per shard involved (more where the ids do not fit
+        one frame), all in flight together. Every id maps to its packed record or None."""
+        per_shard: dict[int, list[str]] = {}
+        for product_id in product_ids:
+            per_shard.setdefault(shard_for(product_id, self.shards), []).append(product_id)
+        asks = []
+        for shard, ids in per_shard.items():
+            for start in range(0, len(ids), GET_MANY_IDS):
+                chunk = ids[start:start + GET_MANY_IDS]
+                asks.append((chunk, self.ask(
+                    shard, lambda address, request_id, chunk=chunk: protocol.GetMany.pack(address, request_id, chunk)
+                )))
+        answers = await asyncio.gather(*(ask for _, ask in asks))
+        found: dict[str, bytes | None] = {}
+        for (chunk, _), records in zip(asks, answers, strict=True):
+            found.update(zip(chunk, records, strict=True))
+        return found
 
     def inbox_bytes(self, shard: int) -> int:
         return queued_bytes(self.inbox_fds[shard])
