@@ -142,6 +142,12 @@ OPTIONS: tuple[Option, ...] = (
            "seconds a shard lets single events gather before applying them; a read or a stop wakes it "
            "at once (0: apply each as it comes; not used with --durability sync)",
            parse=Seconds(0, 60, closed=True)),
+    # The change feed (GET /changes, docs/feed.md): each shard keeps its last N changes (on disk
+    # with durability on); a cursor older than them gets 410, a subscriber more than N/2 behind
+    # is cut off.
+    Option("change-history", 100_000,
+           "changes each shard keeps for GET /changes; older cursors get 410, a subscriber more than half "
+           "of it behind is cut off", parse=Integer(100, 100_000_000)),
     Option("auth-token-file", None, "file holding the bearer token that POST /events requires (default: no auth)"),
     Option("reshard", False, "move every product to the --shards count when it differs from the data dir's",
            parse=None),

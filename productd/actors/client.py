@@ -305,14 +305,17 @@ class ShardClient:
             raise ShardUnavailable(shard)
         return payload
 
-    async def ask(self, shard: int, pack: Callable[[bytes, int], bytes], *, write: bool = False) -> object:
+    async def ask(
+        self, shard: int, pack: Callable[[bytes, int], bytes], *, write: bool = False, timeout: float | None = None
+    ) -> object:
         """Send one message to `shard` and await its answer: `pack(reply address, request id)`
         builds the body (cut into Parts when it does not fit one frame). The message travels
         behind everything already in the shard's inbox.
 
         Raises ShardUnavailable (the shard is down, stopping, or with `write`, refusing writes),
         InboxFull (no room until --enqueue-timeout: nothing was applied) or ShardTimeout (no
-        answer within --read-timeout: a write may or may not have been applied).
+        answer within --read-timeout: a write may or may not have been applied). `timeout`: wait
+        that long for the answer instead of --read-timeout (the change feed's parked requests).
         """
         if self.gone or not (self.writable(shard) if write else self.board.state(shard) == status.READY):
             raise ShardUnavailable(shard)
@@ -337,7 +340,8 @@ class ShardClient:
         if bell >= 0 and (ALWAYS_RING or self.board.get(shard, status.DOZING)):
             ring(bell)
         try:
-            payload = await self._reply(request_id, future, now + self.read_timeout, loop)
+            wait = self.read_timeout if timeout is None else timeout
+            payload = await self._reply(request_id, future, now + wait, loop)
         except ShardTimeout:
             raise ShardTimeout(shard) from None
         if payload == protocol.UNAVAILABLE:  # it read the message after its STOP

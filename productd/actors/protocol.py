@@ -38,6 +38,7 @@ KINDS: dict[int, type] = {}
 # The codes, by the names the front end and older tests use. 6 and 7 are the listing's and the
 # change feed's.
 EVENTS, GET, STOP, WRITE, GET_MANY, PART = 0, 1, 2, 3, 4, 5
+CHANGES = 7  # the change feed's kind: Changes
 
 # The reply payload of a read that reached its shard after STOP: the shard is stopping and will
 # not answer it; the client raises ShardUnavailable (503 with Retry-After) at once rather than
@@ -172,6 +173,29 @@ class Part(NamedTuple):
     @staticmethod
     def pack(reply_to: bytes, request_id: int, last: bool, chunk: bytes) -> bytes:
         return _packb((PART, reply_to, request_id, last, chunk))
+
+
+@message
+class Changes(NamedTuple):
+    """The change feed: the changes after seq `after` (None: none, just the heads), at most
+    `limit`, of products owned by `user_id` and/or among `ids` (None: any). The answer is
+    [status, head, oldest kept, scanned to, [[seq, product id, packed record or None], ...]]
+    (productd.store.changes: status OK, EXPIRED or LOST). When there are none yet the shard
+    parks the request and answers as soon as one is applied, or empty after `wait` seconds."""
+
+    reply_to: bytes
+    request_id: int
+    after: int | None
+    user_id: str | None
+    ids: tuple[str, ...] | None
+    limit: int
+    wait: float
+
+    KIND = CHANGES
+
+    @staticmethod
+    def pack(reply_to: bytes, request_id: int, after, user_id, ids, limit: int, wait: float) -> bytes:
+        return _packb((CHANGES, reply_to, request_id, after, user_id, ids, limit, wait))
 
 
 # Room a Part header takes beside its reply address and chunk: fixarray, kind, bin header of the

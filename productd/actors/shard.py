@@ -21,7 +21,7 @@ from productd.actors import protocol, status
 from productd.actors.inbox import silence
 from productd.actors.status import StatusBoard
 from productd.store import catalogue, recovery
-from productd.store.changes import ChangeLog
+from productd.store.changes import OK, ChangeLog
 from productd.store.memory import ShardStore
 from productd.store.record import revision
 from productd.store.sqlite import ShardFile, StoreFileError
@@ -44,6 +44,14 @@ OUTBOX_TICK = 0.002
 # Exit codes of a shard that was told to stop but could not commit everything it had applied.
 EXIT_SAVED = 75  # EX_TEMPFAIL: the changes are in its recovery file; the next start commits them
 EXIT_LOST = 74  # EX_IOERR: they could not be saved anywhere either; the log says how many were lost
+# The change feed (_on_changes): at most this many changes per answer, history entries looked at
+# per answer (filters), parked requests per shard, seconds one stays parked; the head's jump at a
+# durable start (ChangeLog.void: more changes than one life can apply without committing).
+FEED_LIMIT = 2000
+FEED_SCAN = 20_000
+MAX_PARKED = 4096
+MAX_PARK = 60.0
+VOID_GAP = 1 << 32
 
 
 class Shard:
@@ -163,6 +171,7 @@ class Shard:
         board, sid = self.board, self.id
         board.beat(sid)
         self.load()
+        self._resume_feed()
         board.set(sid, status.PRODUCTS, len(self.store))
         board.set(sid, status.DOZING, 0)  # a predecessor may have died dozing
         board.beat(sid)
@@ -192,6 +201,7 @@ class Shard:
                 return self.finish()
             self._decide_doze(data, checking)
             self.commit_if_due()
+            self._feed_turn()
 
     def _wait(self) -> bool:
         """Sleep until the inbox (or, dozing, the doorbell) has something, a commit is due or a
@@ -499,6 +509,102 @@ class Shard:
         self.reply(head[1], head[2], protocol.UNAVAILABLE)  # every such kind: (kind, reply_to, request_id, ...)
         return False
 
+    # ---- the change feed (protocol.Changes, GET /changes)
+
+    # Changes requests waiting for a change: [deadline, reply_to, request_id, after, user_id, ids, limit]
+    parked: list | None = None
+    parked_head = 0  # the head when the parked requests were last looked at
+
+    def _resume_feed(self) -> None:
+        """Start this life of the change history (after load). A durable shard jumps its head by
+        VOID_GAP and records the range (changes.ChangeLog.void): a subscriber who saw changes a
+        kill -9 lost (applied, not committed) is refused (410) instead of being handed the new
+        changes that reuse those numbers. The marker is committed before the shard is ready.
+        A fresh file skips the gap (nothing was ever numbered). Products newer than the history
+        (a recovery file, a reshard) mean it does not hold every change: it starts over. With
+        durability none nothing survives a restart: the head starts at the clock's microseconds,
+        above any number an earlier life handed out (unless it averaged a million changes/s)."""
+        changes = self.changes
+        if self.file is None:
+            changes.head = max(changes.head, time.time_ns() // 1000)
+            return
+        entries = changes.entries
+        last = entries[-1][0] if entries else 0
+        newest = self.file.max_revision()
+        fresh = not entries and newest == 0
+        if newest > last:
+            changes.forget()
+            changes.head = max(changes.head, newest)
+        marker = changes.void(0 if fresh else VOID_GAP)
+        self.file.save([], [marker], changes.head - changes.keep)
+        changes.saved()
+
+    def _on_changes(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, after, user_id, ids, limit, wait = head  # protocol.Changes
+        batch.reads += 1
+        changes = self.changes
+        if after is None:
+            self.reply(reply_to, request_id, [OK, changes.head, changes.oldest(), changes.head, []])
+            return False
+        wanted = None if ids is None else frozenset(ids)
+        limit = max(1, min(int(limit), FEED_LIMIT))
+        status_, scanned_to, found = changes.since(after, limit, user_id, wanted, FEED_SCAN)
+        if found or status_ != OK or not wait or scanned_to < changes.head:
+            self.reply(reply_to, request_id, [status_, changes.head, changes.oldest(), scanned_to, found])
+            return False
+        parked = self.parked
+        if parked is None:
+            parked = self.parked = []
+        if len(parked) >= MAX_PARKED:  # the oldest is answered empty: its subscriber asks again
+            self._answer_parked_one(parked.pop(0), force=True)
+        self.parked_head = changes.head
+        parked.append([time.monotonic() + min(float(wait), MAX_PARK), reply_to, request_id, scanned_to,
+                       user_id, wanted, limit])
+        return False
+
+    def _feed_turn(self) -> None:
+        """After a batch (and, with sync, its commit): answer the parked requests that now have
+        changes, and those whose time is up (empty). Filtered ones that got nothing stay."""
+        parked = self.parked
+        if not parked:
+            return
+        changed = self.changes.head != self.parked_head
+        now = time.monotonic()
+        if not changed and now < parked[0][0]:
+            return
+        self.parked_head = self.changes.head
+        keep = []
+        for entry in parked:
+            if not self._answer_parked_one(entry, force=now >= entry[0], look=changed):
+                keep.append(entry)
+        keep.sort(key=_deadline)
+        self.parked = keep
+
+    def _answer_parked_one(self, entry: list, *, force: bool, look: bool = True) -> bool:
+        """Answer one parked request if it has changes (or `force`); False if it stays parked."""
+        changes = self.changes
+        _, reply_to, request_id, after, user_id, wanted, limit = entry
+        if look:
+            status_, scanned_to, found = changes.since(after, limit, user_id, wanted, FEED_SCAN)
+        else:
+            status_, scanned_to, found = OK, after, []
+        if not found and status_ == OK and not force:
+            entry[3] = scanned_to
+            return False
+        self.reply(reply_to, request_id, [status_, changes.head, changes.oldest(), scanned_to, found])
+        return True
+
+    def _on_write_feed(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        """protocol.Write, noting whose product a delete removes (the feed's user_id filter)."""
+        if head[3] == catalogue.DELETE:
+            before = self.store.get_packed(head[4])
+            seq = self.changes.head
+            stop = Shard._on_write(self, head, items, batch)
+            if self.changes.head != seq:
+                self.changes.note_delete(self.changes.head, before)
+            return stop
+        return Shard._on_write(self, head, items, batch)
+
     def reply(self, address: bytes, request_id: int, payload: object) -> None:
         datagrams = protocol.reply_datagrams(request_id, payload)
         if len(datagrams) == 1:
@@ -557,6 +663,7 @@ HANDLERS = {
     protocol.WRITE: Shard._on_write,
     protocol.GET_MANY: Shard._on_get_many,
     protocol.PART: Shard._on_part,
+    protocol.CHANGES: Shard._on_changes,
 }
 # After a STOP: the same, but what waits for an answer (a read, a catalogue write) is answered
 # UNAVAILABLE at once: the shard is about to exit. Events are still applied: they were accepted.
@@ -566,4 +673,11 @@ STOPPING_HANDLERS = {
     protocol.GET: Shard._on_ask_stopping,
     protocol.WRITE: Shard._on_ask_stopping,
     protocol.GET_MANY: Shard._on_ask_stopping,
+    protocol.CHANGES: Shard._on_ask_stopping,
 }
+# The feed's user_id filter wants to know whose product a delete removed.
+HANDLERS[protocol.WRITE] = Shard._on_write_feed
+
+
+def _deadline(entry: list) -> float:
+    return entry[0]

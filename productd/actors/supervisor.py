@@ -209,6 +209,7 @@ class Supervisor:
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
             bell_fd=inbox.bell_read_fd, apply_delay=0.0 if s.durability == "sync" else s.apply_delay,
             stop_timeout=s.graceful_timeout, recovery_reserve=max(RECOVERY_RESERVE_MIN, 2 * inbox.capacity),
+            change_history=s.change_history,
         ).run()
 
     def _start_frontend(self) -> None:

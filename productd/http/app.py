@@ -17,6 +17,7 @@ import orjson
 from productd.actors.client import ShardClient
 from productd.http import problems
 from productd.http.connection import STARTED
+from productd.http.feed import ChangeFeed
 from productd.http.metrics import Metrics
 from productd.http.problems import Problem
 from productd.http.resources import Events, Health, ProductResource, Ready
@@ -31,6 +32,7 @@ ROUTE_NAMES = {
     "/readyz": "readyz",
     "/metrics": "metrics",
     "/openapi.json": "openapi",
+    "/changes": "changes",
 }
 
 
@@ -136,6 +138,7 @@ def create_app(
     access_log: bool = False,
     auth_token: str | None = None,
     auth_reads: bool = False,
+    change_history: int = 100_000,
 ) -> falcon.asgi.App:
     middleware: list = [RequestLog(stats, access_log)]
     if auth_token:
@@ -151,4 +154,5 @@ def create_app(
     app.add_route("/readyz", Ready(client))
     app.add_route("/metrics", Metrics(client, stats))
     app.add_route("/openapi.json", OpenApi(max_events))
+    app.add_route("/changes", ChangeFeed(client, change_history))
     return app
