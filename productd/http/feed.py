@@ -137,6 +137,10 @@ class ChangeFeed:
                 out = []
                 for shard, answer in answers:
                     status, head, _oldest, scanned_to, items = answer
+                    if status == EXPIRED:
+                        yield _Chunk(self._cut_off(pos, "slow", f"this stream fell out of shard {shard}'s history "
+                                                   f"(it keeps changes after {_oldest} only): {RESYNC}"))
+                        return
                     if status != OK:
                         yield _Chunk(self._cut_off(pos, "history-lost", f"shard {shard} lost changes this stream "
                                                    f"may have shown (it restarted): {RESYNC}"))
