@@ -163,13 +163,4 @@ def create_app(
     app.add_route("/readyz", Ready(client))
     app.add_route("/metrics", Metrics(client, stats))
     app.add_route("/openapi.json", OpenApi(max_events))
-    # TEMPORARY (listing branch): GET /products until the lead's Products resource
-    # (productd/http/catalogue.py) calls listing.list_products itself; drop this block then.
-    from productd.http import listing
-
-    class _Listing:
-        async def on_get(self, req, resp):
-            await listing.list_products(client, req, resp)
-
-    app.add_route("/products", _Listing())
     return app

@@ -135,9 +135,6 @@ def parse_query(query_string: str) -> Query:
                 filters[name] = check(values[name])
             except ValueError as exc:
                 problems.append((name, str(exc)))
-    low, high = filters.get("min_price"), filters.get("max_price")
-    if low is not None and high is not None and low > high:
-        problems.append(("min_price", f"is above max_price ({low} > {high})"))
     sort = values.get("sort", listing.DEFAULT_SORT)
     if sort not in listing.SORTS:
         problems.append(("sort", f"must be one of {', '.join(listing.SORTS)}"))
