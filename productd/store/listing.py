@@ -126,7 +126,10 @@ def candidates(store, filters: dict) -> Iterator[tuple[str, bytes]]:
 def select(store, filters: dict, sort: str, after: tuple | list | None, limit: int) -> list[tuple[str, bytes]]:
     """The first `limit` products of the store that pass `filters`, in `sort` order, strictly
     after the key `after` (None: from the start): [(product_id, packed), ...] in order."""
-    return pick(candidates(store, filters), filters, sort, after, limit)
+    rows = candidates(store, filters)
+    if "user_id" in filters:  # the index chose the owner's products: no need to read their details for it
+        filters = {name: value for name, value in filters.items() if name != "user_id"}
+    return pick(rows, filters, sort, after, limit)
 
 
 def pick(rows: Iterable[tuple[str, bytes]], filters: dict, sort: str, after, limit: int) -> list[tuple[str, bytes]]:

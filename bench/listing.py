@@ -1,0 +1,209 @@
+"""Listing cost against catalogue size (issue 12): pages/s of a user_id-filtered page of 100 at
+10,000 and at 1,000,000 products, while events are ingested.
+
+    /tmp/venv/bin/python -m bench.listing            # BENCH_SECONDS (default 5) per measurement
+
+For each size: a real `productd serve` (durability batch, 4 shards, 2 workers) makes its data
+dir and stops; the bench then writes the catalogue straight into the shard files (through
+productd.store.sqlite.ShardFile, each product in the file of the shard that owns it), so a
+million products take seconds rather than a million POSTs; the service starts again and loads
+them (which builds each shard's owner index). Every product is catalogued: the owner measured,
+`bench-owner`, has 1,000 products at both sizes, the rest belong to owners of 100 products each.
+
+Then, while one thread posts events (NDJSON bulks of 500 to random products, at a fixed rate,
+the same at both sizes), CLIENTS threads read pages for BENCH_SECONDS:
+`GET /products?user_id=bench-owner&limit=100`, following next_cursor to the end of the owner's
+products and starting again. Also timed, one request at a time: an unfiltered page of 100 and a
+page filtered by name only (both scan every product of every shard).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from service import free_port, service_env, wait_ready  # noqa: E402
+
+from productd.actors.routing import shard_for  # noqa: E402
+from productd.store.record import pack_fields  # noqa: E402
+from productd.store.sqlite import ShardFile  # noqa: E402
+
+SHARDS = 4
+WORKERS = 2
+OWNER = "bench-owner"
+OWNER_PRODUCTS = 1000
+OWNER_SIZE = 100  # products of every other owner
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+CLIENTS = int(os.environ.get("BENCH_LISTING_CLIENTS", "4"))
+EVENTS_PER_SECOND = int(os.environ.get("BENCH_LISTING_EVENTS", "20000"))
+EVENT_BULK = 500
+
+
+def fill(data_dir: Path, products: int) -> list[str]:
+    layout = json.loads((data_dir / "productd.json").read_text())["layout"]
+    files = [ShardFile(str(data_dir / layout / f"shard-{i:03d}.sqlite3"), sync=False) for i in range(SHARDS)]
+    rng = random.Random(12)
+    now = time.time_ns()
+    batches: list[list] = [[] for _ in range(SHARDS)]
+    ids = []
+    owner_every = products // OWNER_PRODUCTS
+    for i in range(products):
+        product_id = f"p{i:07d}"
+        ids.append(product_id)
+        owner = OWNER if i % owner_every == 0 else f"owner-{i // OWNER_SIZE}"
+        details = (owner, f"Product {i} {rng.choice(['red', 'blue', 'green'])} widget", None, ())
+        packed = pack_fields(round(rng.uniform(0, 500), 2), rng.randint(0, 50), None, now, now, 1, details)
+        shard = shard_for(product_id, SHARDS)
+        batches[shard].append((product_id, packed))
+        if len(batches[shard]) >= 50_000:
+            files[shard].save(batches[shard])
+            batches[shard] = []
+    for shard, batch in enumerate(batches):
+        if batch:
+            files[shard].save(batch)
+        files[shard].close()
+    return ids
+
+
+class Service:
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.proc = None
+
+    def start(self, deadline: float = 300.0) -> None:
+        argv = [sys.executable, "-m", "productd", "serve", "--bind", f"127.0.0.1:{self.port}",
+                "--shards", str(SHARDS), "--workers", str(WORKERS), "--durability", "batch",
+                "--data-dir", str(self.data_dir)]
+        log = open(self.data_dir.parent / f"productd-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=service_env("batch"), cwd=self.data_dir.parent)
+        log.close()
+        wait_ready(self.port, self.proc, deadline)
+        time.sleep(1.0)  # the second worker
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+
+def _get(conn: http.client.HTTPConnection, path: str) -> dict:
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"GET {path}: {resp.status} {data[:300]!r}")
+    return json.loads(data)
+
+
+def ingest(port: int, ids: list[str], stop: threading.Event, counter: list[int]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    rng = random.Random(7)
+    interval = EVENT_BULK / EVENTS_PER_SECOND
+    next_at = time.monotonic()
+    while not stop.is_set():
+        body = "\n".join(json.dumps({"product_id": rng.choice(ids), "stock": rng.randint(0, 50)})
+                         for _ in range(EVENT_BULK)).encode()
+        conn.request("POST", "/events", body, {"Content-Type": "application/x-ndjson"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status == 202:
+            counter[0] += EVENT_BULK
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def lister(port: int, stop: threading.Event, pages: list[int], products: list[int]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    query = {"user_id": OWNER, "limit": 100}
+    cursor = None
+    while not stop.is_set():
+        body = _get(conn, "/products?" + urlencode({**query, **({"cursor": cursor} if cursor else {})}))
+        pages[0] += 1
+        products[0] += len(body["products"])
+        cursor = body["next_cursor"]
+
+
+def latency(port: int, path: str, times: int = 5) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    took = []
+    for _ in range(times):
+        started = time.perf_counter()
+        _get(conn, path)
+        took.append(time.perf_counter() - started)
+    return statistics.median(took)
+
+
+def measure(products: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-listing-") as tmp:
+        data_dir = Path(tmp) / "data"
+        service = Service(data_dir)
+        service.start()
+        service.stop()
+        started = time.monotonic()
+        ids = fill(data_dir, products)
+        filled = time.monotonic() - started
+        service = Service(data_dir)
+        started = time.monotonic()
+        service.start()
+        loaded = time.monotonic() - started
+        try:
+            stop = threading.Event()
+            events = [0]
+            feeder = threading.Thread(target=ingest, args=(service.port, ids, stop, events), daemon=True)
+            feeder.start()
+            time.sleep(1.0)
+            pages, listed = [0], [0]
+            threads = [threading.Thread(target=lister, args=(service.port, stop, pages, listed), daemon=True)
+                       for _ in range(CLIENTS)]
+            events[0] = 0
+            started = time.monotonic()
+            for t in threads:
+                t.start()
+            time.sleep(SECONDS)
+            stop.set()
+            for t in threads:
+                t.join()
+            elapsed = time.monotonic() - started
+            feeder.join()
+            result = {
+                "products": products, "fill_s": round(filled, 1), "load_s": round(loaded, 1),
+                "pages_per_s": round(pages[0] / elapsed, 1),
+                "products_per_page": round(listed[0] / max(1, pages[0]), 1),
+                "events_per_s": round(events[0] / elapsed),
+                "unfiltered_page_ms": round(latency(service.port, "/products?limit=100") * 1000),
+                "name_filtered_page_ms": round(latency(service.port, "/products?limit=100&name=red%20widget") * 1000),
+                "owner_page_ms": round(latency(service.port, f"/products?limit=100&user_id={OWNER}") * 1000, 2),
+            }
+        finally:
+            service.stop()
+        return result
+
+
+def main() -> None:
+    results = [measure(n) for n in (10_000, 1_000_000)]
+    for r in results:
+        print(json.dumps(r))
+    small, big = results
+    print(f"user_id page of 100, pages/s: {small['pages_per_s']} at 10,000, {big['pages_per_s']} at 1,000,000: "
+          f"ratio {big['pages_per_s'] / small['pages_per_s']:.2f} (target >= 0.5), "
+          f"{CLIENTS} clients, events ingested {small['events_per_s']}/s and {big['events_per_s']}/s")
+
+
+if __name__ == "__main__":
+    main()
