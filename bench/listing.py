@@ -10,8 +10,9 @@ million products take seconds rather than a million POSTs; the service starts ag
 them (which builds each shard's owner index). Every product is catalogued: the owner measured,
 `bench-owner`, has 1,000 products at both sizes, the rest belong to owners of 100 products each.
 
-Then, while one thread posts events (NDJSON bulks of 500 to random products, at a fixed rate,
-the same at both sizes), CLIENTS threads read pages for BENCH_SECONDS:
+First the solo ingest rate: two threads post NDJSON bulks of 500 events (random products) as fast
+as they go for BENCH_SECONDS, counted as applied by /metrics. Then, while one thread posts events
+at half that rate (or BENCH_LISTING_EVENTS per second), CLIENTS threads read pages for BENCH_SECONDS:
 `GET /products?user_id=bench-owner&limit=100`, following next_cursor to the end of the owner's
 products and starting again. Also timed, one request at a time: an unfiltered page of 100 and a
 page filtered by name only (both scan every product of every shard).
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from service import free_port, service_env, wait_ready  # noqa: E402
+from service import free_port, parse_metrics, service_env, wait_ready  # noqa: E402
 
 from productd.actors.routing import shard_for  # noqa: E402
 from productd.store.record import pack_fields  # noqa: E402
@@ -50,7 +51,7 @@ OWNER_PRODUCTS = 1000
 OWNER_SIZE = 100  # products of every other owner
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 CLIENTS = int(os.environ.get("BENCH_LISTING_CLIENTS", "4"))
-EVENTS_PER_SECOND = int(os.environ.get("BENCH_LISTING_EVENTS", "20000"))
+EVENTS_PER_SECOND = int(os.environ.get("BENCH_LISTING_EVENTS", "0"))  # 0: half the solo rate measured
 EVENT_BULK = 500
 
 
@@ -111,10 +112,37 @@ def _get(conn: http.client.HTTPConnection, path: str) -> dict:
     return json.loads(data)
 
 
-def ingest(port: int, ids: list[str], stop: threading.Event, counter: list[int]) -> None:
+def metric(port: int, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return sum(v for (n, _), v in parse_metrics(text).items() if n == name)
+
+
+def solo_rate(port: int, ids: list[str]) -> float:
+    """Events applied per second with nothing else running: two posters as fast as they go."""
+    stop = threading.Event()
+    counters = [[0], [0]]
+    posters = [threading.Thread(target=ingest, args=(port, ids, stop, c, 0.0), daemon=True) for c in counters]
+    for t in posters:
+        t.start()
+    time.sleep(1.0)
+    before, started = metric(port, "productd_events_applied_total"), time.monotonic()
+    time.sleep(SECONDS)
+    applied = metric(port, "productd_events_applied_total") - before
+    elapsed = time.monotonic() - started
+    stop.set()
+    for t in posters:
+        t.join()
+    while metric(port, "productd_inbox_bytes") > 0:  # let the shards catch up before the next phase
+        time.sleep(0.2)
+    return applied / elapsed
+
+
+def ingest(port: int, ids: list[str], stop: threading.Event, counter: list[int], rate: float) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     rng = random.Random(7)
-    interval = EVENT_BULK / EVENTS_PER_SECOND
+    interval = EVENT_BULK / rate if rate else 0.0
     next_at = time.monotonic()
     while not stop.is_set():
         body = "\n".join(json.dumps({"product_id": rng.choice(ids), "stock": rng.randint(0, 50)})
@@ -163,9 +191,11 @@ def measure(products: int) -> dict:
         service.start()
         loaded = time.monotonic() - started
         try:
+            solo = solo_rate(service.port, ids)
+            rate = EVENTS_PER_SECOND or solo / 2
             stop = threading.Event()
             events = [0]
-            feeder = threading.Thread(target=ingest, args=(service.port, ids, stop, events), daemon=True)
+            feeder = threading.Thread(target=ingest, args=(service.port, ids, stop, events, rate), daemon=True)
             feeder.start()
             time.sleep(1.0)
             pages, listed = [0], [0]
@@ -180,12 +210,14 @@ def measure(products: int) -> dict:
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - started
+            backlog = metric(service.port, "productd_inbox_bytes")
             feeder.join()
             result = {
                 "products": products, "fill_s": round(filled, 1), "load_s": round(loaded, 1),
                 "pages_per_s": round(pages[0] / elapsed, 1),
                 "products_per_page": round(listed[0] / max(1, pages[0]), 1),
-                "events_per_s": round(events[0] / elapsed),
+                "solo_events_per_s": round(solo), "events_per_s": round(events[0] / elapsed),
+                "inbox_backlog_bytes_at_end": int(backlog),
                 "unfiltered_page_ms": round(latency(service.port, "/products?limit=100") * 1000),
                 "name_filtered_page_ms": round(latency(service.port, "/products?limit=100&name=red%20widget") * 1000),
                 "owner_page_ms": round(latency(service.port, f"/products?limit=100&user_id={OWNER}") * 1000, 2),
@@ -196,13 +228,15 @@ def measure(products: int) -> dict:
 
 
 def main() -> None:
-    results = [measure(n) for n in (10_000, 1_000_000)]
+    sizes = [int(n) for n in os.environ.get("BENCH_LISTING_SIZES", "10000,1000000").split(",")]
+    results = [measure(n) for n in sizes]
     for r in results:
-        print(json.dumps(r))
-    small, big = results
+        print(json.dumps(r))  # noqa: T201
+    small, big = results[0], results[-1]
     print(f"user_id page of 100, pages/s: {small['pages_per_s']} at 10,000, {big['pages_per_s']} at 1,000,000: "
-          f"ratio {big['pages_per_s'] / small['pages_per_s']:.2f} (target >= 0.5), "
-          f"{CLIENTS} clients, events ingested {small['events_per_s']}/s and {big['events_per_s']}/s")
+          f"ratio {big['pages_per_s'] / small['pages_per_s']:.2f} (target >= 0.5), {CLIENTS} clients, "
+          f"events ingested {small['events_per_s']}/s and {big['events_per_s']}/s "
+          f"(solo {small['solo_events_per_s']}/s and {big['solo_events_per_s']}/s)")
 
 
 if __name__ == "__main__":
