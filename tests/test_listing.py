@@ -324,7 +324,7 @@ def live(tmp_path_factory):
         svc.kill()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=_live_steps, filters=filter_sets, sort=st.sampled_from(listing.SORTS), limit=st.integers(1, 6),
        since_pick=st.integers(0, 1000))
 def test_live_listing_pages_are_the_oracle(live, steps, filters, sort, limit, since_pick):
@@ -409,3 +409,18 @@ def test_names_match_case_insensitively():
     for needle in ["red", "RED SH", "big red shoe", "e"]:
         assert [i for i, _ in listing.select(store, {"name": needle.casefold()}, "product_id", None, 1)] == ["p"]
     assert listing.select(store, {"name": "blue"}, "product_id", None, 1) == []
+
+
+def test_live_changes_cursor_is_each_shards_head(live):
+    def heads() -> list[int]:
+        body = requests.get(live.url + "/products", params={"limit": 1}, timeout=TIMEOUT).json()
+        prefix, count, *rest = body["changes_cursor"].split("-")
+        assert (prefix, int(count, 16)) == ("c1", live.shards)
+        return [int(head, 16) for head in rest]
+
+    before = heads()
+    r = requests.post(live.url + "/products", json={"user_id": "heads", "name": "n"}, timeout=TIMEOUT)
+    assert r.status_code == 201
+    after = heads()
+    assert sum(after) == sum(before) + 1 and all(a >= b for a, b in zip(after, before, strict=True))
+    assert requests.head(live.url + "/products", timeout=TIMEOUT).status_code == 200
