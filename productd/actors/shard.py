@@ -20,7 +20,7 @@ import msgpack
 from productd.actors import protocol, status
 from productd.actors.inbox import silence
 from productd.actors.status import StatusBoard
-from productd.store import catalogue, recovery
+from productd.store import catalogue, listing, recovery
 from productd.store.changes import ChangeLog
 from productd.store.memory import ShardStore
 from productd.store.record import revision
@@ -509,6 +509,17 @@ class Shard:
             log.warning("shard %d dropped an unfinished message of %d pieces (its sender stopped sending)",
                         self.id, len(chunks))
 
+    def _on_list(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, filters, sort, after, limit = head  # protocol.List
+        batch.reads += 1
+        try:
+            page = listing.select(self.store, filters, sort, after, limit)
+        except Exception:  # the front end checks every value; a bad one must not end the shard
+            log.exception("shard %d could not answer a listing (filters %r, sort %r)", self.id, filters, sort)
+            page = None
+        self.reply(reply_to, request_id, [self.changes.head, page])
+        return False
+
     def _on_ask_stopping(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
         """Behind a STOP, whatever asks for an answer (a read, a catalogue write) gets UNAVAILABLE
         at once and changes nothing: its client is told to try again (503)."""
@@ -573,6 +584,7 @@ HANDLERS = {
     protocol.WRITE: Shard._on_write,
     protocol.GET_MANY: Shard._on_get_many,
     protocol.PART: Shard._on_part,
+    protocol.LIST: Shard._on_list,
 }
 # After a STOP: the same, but what waits for an answer (a read, a catalogue write) is answered
 # UNAVAILABLE at once: the shard is about to exit. Events are still applied: they were accepted.
@@ -582,4 +594,5 @@ STOPPING_HANDLERS = {
     protocol.GET: Shard._on_ask_stopping,
     protocol.WRITE: Shard._on_ask_stopping,
     protocol.GET_MANY: Shard._on_ask_stopping,
+    protocol.LIST: Shard._on_ask_stopping,
 }
