@@ -121,6 +121,7 @@ class Shard:
                  sid, len(store), self.file.path, time.monotonic() - started)
         self.changes.load(self.file.changes(self.changes.keep), self.file.max_revision())
         self._apply_recovery()
+        self.file.start_checkpointer()
         try:
             self.recovery.reserve(self.recovery_reserve)
         except OSError as exc:
