@@ -438,8 +438,6 @@ class Shard:
 
     def _on_write(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
         _, reply_to, request_id, op, product_id, fields, if_match, if_none_match = head  # protocol.Write
-        if type(if_match) is list:
-            if_match = tuple(if_match)
         changes = self.changes
         seq = changes.head + 1
         outcome, value = catalogue.apply(
