@@ -10,8 +10,10 @@ answers afterwards.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import string
 import threading
 import time
@@ -462,8 +464,12 @@ def test_get_etag_and_if_none_match(service):
         assert r.status_code == 304, (inm, r.status_code, r.text)
         assert r.content == b""
         assert r.headers.get("ETag") == tag
+    for inm in ("W/" + tag, "*"):  # If-None-Match compares weakly; * matches any current product
+        assert get(service, pid, {"If-None-Match": inm}).status_code == 304, inm
     r = get(service, pid, {"If-None-Match": '"999999999"'})
     assert assert_document(r)["etag"] == tag
+    head = requests.head(f"{service.url}/products/{pid}", timeout=TIMEOUT)
+    assert head.status_code == 200 and head.headers["ETag"] == tag and head.content == b""
     assert_problem(get(service, uid("nope")), 404)
     assert_problem(get(service, uid("nope"), {"If-None-Match": tag}), 404)
 
@@ -509,6 +515,17 @@ def test_patch_merges(service):
     assert doc["stock"] == 7
     assert doc["created_at"] == first["created_at"]
     assert current(service, pid) == doc
+
+
+def test_patch_media_types(service):
+    pid = created(service, uid("pmt"))["product_id"]
+    doc = assert_document(patch(service, pid, {"price": 1}, content_type=MERGE_PATCH + "; charset=utf-8"))
+    assert doc["price"] == 1
+    json_patch = [{"op": "replace", "path": "/price", "value": 2}]
+    r = patch(service, pid, json_patch, content_type="application/json-patch+json")
+    assert_problem(r, 415)
+    assert MERGE_PATCH in r.headers.get("Accept-Patch", ""), r.headers  # RFC 5789: say what PATCH takes
+    assert current(service, pid)["price"] == 1
 
 
 def test_patch_unknown_is_404(service):
@@ -816,6 +833,47 @@ def test_large_product_round_trips(service):
     assert current(service, pid) == doc
 
 
+def big_product(pid: str, mark: str) -> dict:
+    images = [f"https://example.com/{mark}/{i:02d}/" + "z" * 1900 for i in range(10)]
+    return product_body(pid, name=mark, description=EMOJI * 5000, images=images, stock=1)
+
+
+def test_concurrent_large_writes_do_not_mix(service):
+    """Bodies cut into several frames, from many clients at once to the same shards: each is
+    joined whole (a product is never made of two requests' parts)."""
+    base = uid("mix")
+    ids = [f"{base}-{i}" for i in range(12)]
+
+    def client(i):
+        with requests.Session() as http:
+            for round_ in range(3):
+                mark = f"m{i}-{round_}"
+                body = big_product(ids[i % 4], mark)
+                r = http.put(f"{service.url}/products/{body.pop('product_id')}", json=body, timeout=TIMEOUT)
+                assert r.status_code in (200, 201), r.text[:300]
+                assert r.json()["images"][0].split("/")[3] == mark
+
+    run_threads(client, 12)
+    for pid in ids[:4]:
+        doc = current(service, pid)
+        mark = doc["name"]
+        assert doc == {**doc, **{k: v for k, v in big_product(pid, mark).items()}}, pid
+
+
+def test_multi_get_with_big_answers(service):
+    """A multi-get whose answer is megabytes: every shard's reply comes back whole, in pieces."""
+    base = uid("mgbig")
+    ids = [f"{base}-{i}" for i in range(40)]
+    for pid in ids:
+        assert create(service, big_product(pid, pid[-6:])).status_code == 201
+    r = multi_get(service, [*ids, f"{base}-none"])
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.content) > 1_000_000
+    body = r.json()
+    assert [p["product_id"] for p in body["products"]] == ids and body["not_found"] == [f"{base}-none"]
+    assert all(p["description"] == EMOJI * 5000 and len(p["images"]) == 10 for p in body["products"])
+
+
 def test_read_your_writes_through_the_owner(service):
     pid = uid("ryw")
     created(service, pid, stock=0)
@@ -913,8 +971,15 @@ def test_catalogue_survives_restart(start_service, tmp_path, durability):
     assert_kind(assert_problem(create(svc, product_body(kept)), 409), "product-exists")
     assert_kind(assert_problem(patch(svc, kept, {"version": 2}), 409), "stale-version")
     after_write = current(svc, kept)
-    if durability == "sync":  # every 2xx write is on disk: it survives a crash of the whole service
-        svc.kill()
+    if durability == "sync":  # every 2xx write is on disk: it survives a shard's kill -9 ...
+        owner = svc.shard_pids()
+        for pid in owner:
+            os.kill(pid, signal.SIGKILL)
+        svc.wait_for(lambda: svc.readyz().status_code == 200 and set(svc.shard_pids()).isdisjoint(owner),
+                     "the shards restarted")
+        assert current(svc, kept) == after_write
+        assert_problem(get(svc, gone), 404)
+        svc.kill()  # ... and a crash of the whole service
         svc = _durable(start_service, data, durability)
         assert current(svc, kept) == after_write
         assert_problem(get(svc, gone), 404)
