@@ -136,6 +136,7 @@ BAD_FIELDS = [
     ("user-long", "user_id", "u" * 129, "/user_id"),
     ("user-bad-char", "user_id", "ow ner", "/user_id"),
     ("user-int", "user_id", 7, "/user_id"),
+    ("user-dot", "user_id", ".", "/user_id"),
     ("user-null", "user_id", None, "/user_id"),
     ("name-empty", "name", "", "/name"),
     ("name-long", "name", "n" * 201, "/name"),
@@ -283,6 +284,25 @@ def test_bad_bodies_on_put_and_patch(service, method, label, ctype, body, status
     if status == 422:
         assert "" in pointers(problem), problem
     assert current(service, pid) == before, "a refused write changed the product"
+
+
+JSON_SPELLINGS = ["application/json; charset=utf-8", "APPLICATION/JSON", "application/json;charset=UTF-8"]
+
+
+@pytest.mark.parametrize("ctype", JSON_SPELLINGS)
+def test_json_media_type_spellings_are_taken(service, ctype):
+    pid = uid("ct")
+    body = json.dumps(product_body(pid)).encode()
+    resp = raw_request(service.port, "POST", "/products", body, {"Content-Type": ctype})
+    assert resp[0] == 201, resp
+
+
+def test_oversized_chunked_body_is_413(service):
+    chunk = b"x" * 65536
+    body = [b'{"user_id": "u", "name": "n", "description": "', *([chunk] * 70), b'"}']
+    resp = raw_request(service.port, "POST", "/products", body, {"Content-Type": "application/json"}, chunked=True)
+    assert_problem(resp, 413)
+    assert_answering(service)
 
 
 def test_oversized_body_is_413(service):
@@ -490,6 +510,15 @@ def test_put_replaces_and_clears_what_it_leaves_out(service):
     assert current(service, pid) == doc
 
 
+def test_put_on_a_bare_product_replaces_price_and_stock(service):
+    pid = uid("putbare")
+    assert service.post({"product_id": pid, "price": 3, "stock": 4, "version": 2}).status_code == 202
+    bare = current(service, pid)
+    doc = assert_document(put(service, pid, product_body()), 200)
+    assert (doc["price"], doc["stock"], doc["version"], doc["name"]) == (None, None, 2, "Blue mug")
+    assert doc["created_at"] == bare["created_at"]
+
+
 def test_put_creates_when_absent(service):
     pid = uid("putnew")
     r = put(service, pid, product_body(price=1.5))
@@ -542,7 +571,8 @@ def test_patch_catalogues_a_bare_product(service):
 
 
 def test_delete(service):
-    pid = created(service, uid("del"))["product_id"]
+    first = created(service, uid("del"))
+    pid, first_tag = first["product_id"], first["etag"]
     r = delete(service, pid)
     assert r.status_code == 204, r.text
     assert r.content == b""
@@ -552,7 +582,15 @@ def test_delete(service):
     assert_problem(inventory(service, pid), 404)
     assert_problem(delete(service, uid("never")), 404)
     assert pid in multi_get(service, [pid]).json()["not_found"]
-    assert assert_document(create(service, product_body(pid, name="again")), 201)["name"] == "again"
+    again = assert_document(create(service, product_body(pid, name="again")), 201)
+    assert again["name"] == "again" and again["version"] is None
+    old_tag, current_tag = first_tag, again["etag"]
+    assert current_tag != old_tag  # an ETag of the deleted product never matches the new one
+    assert_problem(patch(service, pid, {"price": 1}, {"If-Match": old_tag}), 412)
+    assert delete(service, pid).status_code == 204
+    assert service.post({"product_id": pid, "stock": 2}).status_code == 202  # an event creates a bare one
+    bare = current(service, pid)
+    assert (bare["name"], bare["stock"]) == (None, 2) and bare["etag"] not in (old_tag, current_tag)
 
 
 def test_delete_a_bare_product(service):
