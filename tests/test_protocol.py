@@ -35,6 +35,10 @@ SAMPLES = {
     ],
     protocol.GetMany: [protocol.GetMany(b"\0abcde", 8, ("a", "b")), protocol.GetMany(LONGEST_REPLY_TO, 1, ())],
     protocol.Part: [protocol.Part(b"\0abcde", 9, False, b"piece"), protocol.Part(b"\0a", UINT64_MAX, True, b"")],
+    protocol.List: [
+        protocol.List(b"\0abcde", 10, {"user_id": "u", "in_stock": True}, "-price", (0, -2.5, "p"), 101),
+        protocol.List(LONGEST_REPLY_TO, UINT64_MAX, {}, "product_id", None, 1001),
+    ],
 }
 
 

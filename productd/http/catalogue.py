@@ -14,7 +14,7 @@ import falcon
 import orjson
 
 from productd.actors.client import InboxFull, ShardClient, ShardTimeout, ShardUnavailable
-from productd.http import product_input
+from productd.http import listing, product_input
 from productd.http.problems import Problem
 from productd.http.render import etag, product_json
 from productd.http.resources import read_body
@@ -212,8 +212,6 @@ class Products:
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if "ids" not in req.params:
-            from productd.http import listing  # noqa: PLC0415 - the listing is its own module
-
             await listing.list_products(self.client, req, resp)
             return
         others = sorted(set(req.params) - {"ids"})
