@@ -80,8 +80,10 @@ class Worker:
                 self._idle(self.settings.idle_wait)
                 continue
             self.process(job)
-        self.queue.close()
         return EXIT_OK
+
+    def close(self) -> None:
+        self.queue.close()
 
     def _idle(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -151,7 +153,10 @@ def run_worker(settings: ImageSettings, name: str | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("image worker started", extra={"fields": {"worker": worker.name, "jobs": settings.jobs_path}})
-    code = worker.run()
+    try:
+        code = worker.run()
+    finally:
+        worker.close()
     log.info("image worker stopped", extra={"fields": {"worker": worker.name}})
     return code
 
