@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def _images() -> dict[str, tuple[bytes, str]]:
 class ImageServer:
     """A threaded HTTP server on `host` serving generated images and every misbehaviour."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.images = _images()
         self.hits: collections.Counter = collections.Counter()
         self.hit_times: dict[str, list[float]] = collections.defaultdict(list)
@@ -107,6 +108,8 @@ class ImageServer:
         self.httpd = ThreadingHTTPServer((host, 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.images = self
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.host, self.port = self.httpd.server_address[:2]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -193,6 +196,14 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"\0")
                     self.wfile.flush()
                     time.sleep(0.2)
+            elif head == "slow-headers":  # a header dripped a byte every 0.2 s, then the image
+                body, content_type = server.images["photo.jpg"]
+                self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Drip: ")
+                for _ in range(25):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                self.wfile.write(f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             elif head == "hang":  # half the image, then wait to be released
                 body, content_type = server.images[rest]
                 if server.hang_release.is_set():
@@ -258,6 +269,7 @@ def test_fetch_returns_the_body_and_follows_redirects(server):
     ("/huge", "too-large", False),
     ("/endless", "too-large", False),
     ("/slow", "timeout", True),
+    ("/slow-headers", "timeout", True),  # the total limit holds while headers drip in too
 ])
 def test_fetch_failures_are_classified(server, path, reason, transient):
     with pytest.raises(FetchError) as caught:
@@ -283,11 +295,36 @@ def test_bad_urls_and_closed_ports():
         assert (caught.value.reason, caught.value.transient) == ("bad-url", False), url
 
 
-def test_https_speaks_tls_to_the_name(server):
-    """An https URL on a plain-HTTP port: the TLS handshake fails, classified, not a crash."""
+def test_https_on_a_plain_http_port_fails_classified(server):
     with pytest.raises(FetchError) as caught:
         fetch(f"https://127.0.0.1:{server.port}/img/photo.jpg", OPEN)
     assert caught.value.reason in ("connection", "tls")
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An https image server whose certificate names `localhost` only (made by openssl)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=DEADLINE)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    srv = ImageServer(tls=context)
+    srv.client_context = ssl.create_default_context(cafile=str(cert))
+    yield srv
+    srv.close()
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_server):
+    body, _ = tls_server.images["photo.jpg"]
+    url = f"https://localhost:{tls_server.port}/img/photo.jpg"  # the name: SNI, Host and the certificate
+    got = fetch(url, OPEN, ssl_context=tls_server.client_context)
+    assert got.body == body and got.address == "127.0.0.1"
+    with pytest.raises(FetchError) as caught:  # the same server by address: the certificate does not name it
+        fetch(f"https://127.0.0.1:{tls_server.port}/img/photo.jpg", OPEN, ssl_context=tls_server.client_context)
+    assert (caught.value.reason, caught.value.transient) == ("tls", False)
 
 
 def _free_port() -> int:
@@ -615,6 +652,24 @@ def test_every_job_ends_done_or_dead_with_the_right_reason(tmp_path, fresh_serve
     assert queue.enqueue(server.url("/img/photo.jpg"), "p-other").state == DONE
     worker.run(until_idle=True)
     assert server.hits["/img/photo.jpg"] == hits == 1
+
+
+def test_a_failure_inside_the_worker_is_a_transient_attempt(tmp_path, server):
+    """The store cannot write (a file where its directory goes): the attempt fails, the job is
+    retried later and done once the store is fixed."""
+    settings = _settings(tmp_path, backoff_base=0.01)
+    body, _ = server.images["opaque.png"]
+    blocker = Path(settings.images_dir) / key_for(render(body).data)[:2]
+    queue = JobQueue(settings.jobs_path)
+    job = queue.enqueue(server.url("/img/opaque.png?internal"))
+    blocker.write_bytes(b"in the way")
+    worker = Worker(settings, "w1")
+    assert worker.process(queue.take("w1", 5)) == FAILED
+    failed = queue.get(job.id)
+    assert (failed.state, failed.last_reason) == (FAILED, "internal") and "NotADirectoryError" in failed.last_error
+    blocker.unlink()
+    _drain(worker, queue)
+    assert (queue.get(job.id).state, queue.get(job.id).attempts) == (DONE, 2)
 
 
 def _worker_process(settings: ImageSettings, name: str) -> subprocess.Popen:

@@ -16,6 +16,7 @@ redirect loop or too many redirects, a refused address, a bad URL).
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import socket
 import ssl
@@ -198,8 +199,9 @@ def _get_once(url: str, limits: Limits, deadline: float, ssl_context: ssl.SSLCon
             conn = http.client.HTTPSConnection(host, port, context=context)
         else:
             conn = http.client.HTTPConnection(host, port)
-        conn.sock = sock  # already connected, to the address checked above
-        sock.settimeout(_remaining(deadline, url))
+        # Already connected, to the address checked above; every send and receive through it
+        # gets what is left of the total time, so a server dripping its headers is cut off too.
+        conn.sock = _DeadlineSocket(sock, deadline, url)
         conn.request("GET", path, headers={
             "User-Agent": limits.user_agent,
             "Accept": "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8",
@@ -216,8 +218,7 @@ def _get_once(url: str, limits: Limits, deadline: float, ssl_context: ssl.SSLCon
             raise FetchError("too-large", f"{url}: Content-Length {length} > {limits.max_bytes} bytes", False)
         chunks, size = [], 0
         while True:
-            sock.settimeout(_remaining(deadline, url))
-            chunk = response.read1(CHUNK) if hasattr(response, "read1") else response.read(CHUNK)
+            chunk = response.read1(CHUNK)
             if not chunk:
                 break
             size += len(chunk)
@@ -237,6 +238,37 @@ def _get_once(url: str, limits: Limits, deadline: float, ssl_context: ssl.SSLCon
         if conn is not None:
             conn.close()
         sock.close()
+
+
+class _DeadlineSocket:
+    """The socket as http.client sees it: what it needs (sendall, makefile, close), each read
+    and write bounded by the download's deadline rather than by a fresh timeout per call."""
+
+    def __init__(self, sock: socket.socket, deadline: float, url: str) -> None:
+        self.sock, self.deadline, self.url = sock, deadline, url
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(_remaining(self.deadline, self.url))
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        pass  # http.client closes a connection before its body is read: _get_once closes the socket
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, owner: _DeadlineSocket) -> None:
+        self.owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        owner = self.owner
+        owner.sock.settimeout(_remaining(owner.deadline, owner.url))
+        return owner.sock.recv_into(buffer)
 
 
 def _check_status(url: str, status: int, headers: dict) -> None:

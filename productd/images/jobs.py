@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     source_bytes INTEGER,
     result_key TEXT REFERENCES renditions(key)
 );
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+-- The jobs a take may hand out, by when: queued, failed (next attempt) and running (lease expiry).
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (next_attempt_at) WHERE state IN ('queued', 'failed', 'running');
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS renditions (
     key TEXT PRIMARY KEY,
     format TEXT NOT NULL,
@@ -194,27 +196,29 @@ class JobQueue:
     # ---- workers ------------------------------------------------------------------------
 
     def take(self, owner: str, lease_seconds: float) -> Job | None:
-        """Lease the next due job to `owner`, or None when none is due."""
+        """Lease the next due job to `owner`, or None when none is due.
+
+        A running job's next_attempt_at is its lease expiry, so one partial index orders every
+        job that can be handed out (the states are literals so that SQLite uses it)."""
         now = self.clock()
         with self._write():
             # A job whose lease ran out with no attempts left: its worker died on it every time.
             self.db.execute(
-                "UPDATE jobs SET state = ?, last_reason = 'worker-lost', "
+                "UPDATE jobs SET state = 'dead', last_reason = 'worker-lost', "
                 "last_error = 'the worker holding it stopped before finishing, on every attempt', "
                 "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = ? "
-                "WHERE state = ? AND lease_expires_at <= ? AND attempts >= ?",
-                (DEAD, now, RUNNING, now, self.max_attempts))
+                "WHERE state IN ('queued', 'failed', 'running') AND next_attempt_at <= ? "
+                "AND state = 'running' AND attempts >= ?",
+                (now, now, self.max_attempts))
             row = self.db.execute(
-                f"UPDATE jobs SET state = ?, attempts = attempts + 1, lease_owner = ?, lease_token = ?, "
-                f"lease_expires_at = ?, updated_at = ?, "
-                f"last_reason = CASE WHEN state = ? THEN 'lease-expired' ELSE last_reason END, "
-                f"last_error = CASE WHEN state = ? THEN 'taken again: ' || lease_owner || ' did not finish it' "
+                f"UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = :owner, "
+                f"lease_token = :token, lease_expires_at = :expiry, next_attempt_at = :expiry, updated_at = :now, "
+                f"last_reason = CASE WHEN state = 'running' THEN 'lease-expired' ELSE last_reason END, "
+                f"last_error = CASE WHEN state = 'running' THEN 'taken again: ' || lease_owner || ' did not finish it' "
                 f"ELSE last_error END "
-                f"WHERE id = (SELECT id FROM jobs WHERE "
-                f"(state IN (?, ?) AND next_attempt_at <= ?) OR (state = ? AND lease_expires_at <= ?) "
-                f"ORDER BY next_attempt_at, id LIMIT 1) RETURNING {_COLUMNS}",
-                (RUNNING, owner, uuid.uuid4().hex, now + lease_seconds, now, RUNNING, RUNNING,
-                 QUEUED, FAILED, now, RUNNING, now)).fetchone()
+                f"WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'failed', 'running') "
+                f"AND next_attempt_at <= :now ORDER BY next_attempt_at, id LIMIT 1) RETURNING {_COLUMNS}",
+                {"now": now, "owner": owner, "token": uuid.uuid4().hex, "expiry": now + lease_seconds}).fetchone()
         return None if row is None else Job(*row)
 
     def extend(self, job: Job, lease_seconds: float) -> bool:
@@ -222,8 +226,9 @@ class JobQueue:
         now = self.clock()
         with self._write():
             cursor = self.db.execute(
-                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state = ? AND lease_token = ?",
-                (now + lease_seconds, job.id, RUNNING, job.lease_token))
+                "UPDATE jobs SET lease_expires_at = ?, next_attempt_at = ? "
+                "WHERE id = ? AND state = 'running' AND lease_token = ?",
+                (now + lease_seconds, now + lease_seconds, job.id, job.lease_token))
         return cursor.rowcount == 1
 
     def rendition_for_source(self, source_sha256: str) -> Stored | None:
@@ -316,8 +321,8 @@ class JobQueue:
     def oldest_due_age(self) -> float:
         """Seconds the longest-waiting due job has waited (queue age; 0 when none waits)."""
         now = self.clock()
-        row = self.db.execute("SELECT min(next_attempt_at) FROM jobs WHERE state IN (?, ?) AND next_attempt_at <= ?",
-                              (QUEUED, FAILED, now)).fetchone()
+        row = self.db.execute("SELECT min(next_attempt_at) FROM jobs WHERE state IN ('queued', 'failed', 'running') "
+                              "AND next_attempt_at <= ?", (now,)).fetchone()
         return 0.0 if row[0] is None else now - row[0]
 
 

@@ -54,6 +54,18 @@ def lower_priority(nice: int) -> None:
         pass
 
 
+class InternalError(Exception):
+    """Something in the worker itself went wrong: counted as a transient failed attempt."""
+
+    reason = "internal"
+    transient = True
+    retry_after = None
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class Worker:
     def __init__(self, settings: ImageSettings, name: str | None = None,
                  on_outcome: Callable[[Job, list[str], Stored | None], None] | None = None) -> None:
@@ -92,10 +104,20 @@ class Worker:
 
     def process(self, job: Job) -> str | None:
         """Do one leased job; its new state (None if the lease was lost meanwhile)."""
-        s = self.settings
         products = self.queue.products_of(job.id)
         context = {"job_id": job.id, "url": job.url, "product_ids": products, "attempt": job.attempts,
                    "worker": self.name}
+        try:
+            return self._process(job, products, context)
+        except Exception as exc:  # a bug, a full disk, a locked job file: retried like a transient failure
+            log.exception("image job failed inside the worker", extra={"fields": context})
+            try:
+                return self._failed(job, products, context, InternalError(f"{type(exc).__name__}: {exc}"))
+            except sqlite3.Error:  # the lease expires and the job is taken again
+                return None
+
+    def _process(self, job: Job, products: list[str], context: dict) -> str | None:
+        s = self.settings
         started = time.monotonic()
         try:
             download = fetch(job.url, self.limits)
@@ -132,7 +154,8 @@ class Worker:
         self.on_outcome(job, products, stored)
         return DONE
 
-    def _failed(self, job: Job, products: list[str], context: dict, exc: FetchError | RenderError) -> str | None:
+    def _failed(self, job: Job, products: list[str], context: dict,
+                exc: FetchError | RenderError | InternalError) -> str | None:
         state = self.queue.fail(job, exc.reason, exc.detail, exc.transient, exc.retry_after)
         if state == DEAD:
             log.error("image job dead-lettered: %s", exc.detail, extra={"fields": {**context, "reason": exc.reason}})
