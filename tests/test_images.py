@@ -77,6 +77,10 @@ def _images() -> dict[str, tuple[bytes, str]]:
     gif = io.BytesIO()
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     photo = _encode(_photo((1600, 1200)), "JPEG", quality=90)
+    grey = Image.radial_gradient("L").resize((1500, 1100))
+    palette = Image.new("P", (64, 32), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    palette.paste(1, (0, 0, 32, 32))
     return {
         "photo.jpg": (photo, "image/jpeg"),
         "photo-as-text": (photo, "text/plain"),  # the body decides, not the Content-Type
@@ -85,6 +89,11 @@ def _images() -> dict[str, tuple[bytes, str]]:
         "opaque.png": (_encode(_photo((300, 200)).convert("RGBA"), "PNG"), "image/png"),
         "anim.gif": (gif.getvalue(), "image/gif"),
         "grey16.png": (_encode(Image.linear_gradient("L").resize((64, 64)).convert("I;16"), "PNG"), "image/png"),
+        "cmyk.jpg": (_encode(Image.merge("RGB", (grey, grey, grey)).convert("CMYK"), "JPEG"), "image/jpeg"),
+        "grey.jpg": (_encode(grey, "JPEG"), "image/jpeg"),
+        "grey-alpha.png": (_encode(Image.merge("LA", (grey, grey)), "PNG"), "image/png"),
+        "palette-transparent.png": (_encode(palette, "PNG", transparency=0), "image/png"),
+        "palette-transparent.gif": (_encode(palette, "GIF", transparency=0), "image/gif"),
         "photo.tiff": (_encode(_photo((64, 64)), "TIFF"), "image/tiff"),
         "text": (b"hello, this is not an image\n" * 10, "image/jpeg"),
         "truncated.jpg": (photo[: len(photo) // 3], "image/jpeg"),
@@ -389,6 +398,11 @@ def _decoded(data: bytes) -> Image.Image:
     ("opaque.png", (300, 200), "RGB"),  # alpha unused: dropped
     ("anim.gif", (200, 100), "RGB"),  # palette, animated: the first frame
     ("grey16.png", (64, 64), "RGB"),
+    ("cmyk.jpg", (1024, 751), "RGB"),
+    ("grey.jpg", (1024, 751), "RGB"),
+    ("grey-alpha.png", (1024, 751), "RGBA"),
+    ("palette-transparent.png", (64, 32), "RGBA"),
+    ("palette-transparent.gif", (64, 32), "RGBA"),
 ])
 def test_render_makes_a_bounded_webp(server, name, size, mode):
     body = fetch(server.url(f"/img/{name}"), OPEN).body
@@ -549,6 +563,17 @@ def test_an_expired_lease_hands_the_job_out_again_and_fences_the_old_holder(tmp_
     assert (dead.state, dead.last_reason) == (DEAD, "worker-lost")
 
 
+def test_a_take_reads_only_the_pending_jobs_through_their_index(tmp_path):
+    """However many done jobs the file holds, a take finds the next due one by index, not by scan."""
+    queue = JobQueue(tmp_path / "jobs.sqlite3")
+    for i in range(50):
+        queue.enqueue(f"http://x/{i}.jpg")
+    queue.db.execute("ANALYZE")
+    plan = queue.db.execute("EXPLAIN QUERY PLAN " + jobs.NEXT_DUE, {"now": 0}).fetchall()
+    assert "USING INDEX jobs_pending" in " ".join(row[-1] for row in plan), plan
+    assert "TEMP B-TREE" not in " ".join(row[-1] for row in plan)
+
+
 TAKER = """
 import sys
 from productd.images.jobs import JobQueue
@@ -601,7 +626,7 @@ def _drain(worker: Worker, queue: JobQueue) -> None:
 def test_every_job_ends_done_or_dead_with_the_right_reason(tmp_path, fresh_server, private_server):
     server = fresh_server
     server.redirect_to = private_server.url("/img/photo.jpg")
-    settings = _settings(tmp_path, allow_private=False, allow_networks=(f"{server.host}/32",))
+    settings = _settings(tmp_path, allow_private=False, allow_networks=(f"{server.host}/32",), total_timeout=1.0)
     expected = {
         "/img/photo.jpg": (DONE, None, 1),
         "/img/cutout.png": (DONE, None, 1),
