@@ -30,7 +30,7 @@ from productd.images.fetch import AddressPolicy, FetchError, Limits, fetch
 from productd.images.jobs import DEAD, DONE, FAILED, QUEUED, RUNNING, Backoff, JobQueue, Stored
 from productd.images.objects import DirectoryStore, check_key, key_for
 from productd.images.render import RenderError, render
-from productd.images.settings import ImageSettings
+from productd.images.settings import ImageSettings, from_settings
 from productd.images.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -744,6 +744,24 @@ def test_a_worker_killed_mid_download_loses_no_job(tmp_path, fresh_server):
     assert '"message":"image downloaded"' in err and '"job_id":' in err
 
 
+def test_sigterm_lets_a_busy_worker_finish_its_job(tmp_path, fresh_server):
+    server = fresh_server
+    settings = _settings(tmp_path, total_timeout=20.0)
+    queue = JobQueue(settings.jobs_path)
+    job = queue.enqueue(server.url("/hang/cutout.png"))
+    worker = _worker_process(settings, "w1")
+    try:
+        assert server.hang_started.wait(DEADLINE), "the worker never started the download"
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the signal is in before the download can end
+        server.hang_release.set()
+        assert worker.wait(DEADLINE) == 0
+    finally:
+        worker.kill()
+        worker.communicate()
+    assert queue.get(job.id).state == DONE and server.hits["/hang/cutout.png"] == 1
+
+
 def test_worker_processes_share_the_queue_and_fetch_each_url_once(tmp_path, fresh_server):
     server = fresh_server
     settings = _settings(tmp_path)
@@ -766,6 +784,12 @@ def test_worker_processes_share_the_queue_and_fetch_each_url_once(tmp_path, fres
     assert len(list(Path(settings.images_dir).glob("*/*/*.webp"))) == 1
 
 
-def test_the_job_file_lives_in_the_data_dir(tmp_path):
+def test_the_job_file_lives_in_the_data_dir_and_settings_come_from_productd_settings(tmp_path):
+    from productd.config import Settings
+
     assert jobs.path_in(tmp_path) == tmp_path / "images" / "jobs.sqlite3"
-    assert ImageSettings(data_dir=str(tmp_path)).images_dir == os.path.join(tmp_path, "images")
+    image_settings = from_settings(Settings(data_dir=str(tmp_path)))
+    assert image_settings == ImageSettings(data_dir=str(tmp_path))
+    assert image_settings.images_dir == os.path.join(tmp_path, "images")
+    assert image_settings.jobs_path == str(jobs.path_in(tmp_path))
+    assert not image_settings.limits().policy.allow_private  # the guard is on unless asked otherwise
