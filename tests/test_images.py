@@ -770,15 +770,23 @@ def test_worker_processes_share_the_queue_and_fetch_each_url_once(tmp_path, fres
     for path in paths:
         queue.enqueue(server.url(path))
     workers = [_worker_process(settings, f"w{i}") for i in range(2)]
+    niced = _settings(tmp_path, nice=5)
+    workers.append(_worker_process(niced, "niced"))
     try:
         _wait_for("every job done", lambda: queue.counts()[DONE] == len(paths))
+        # Each worker yields the CPU: batch scheduling, and the niceness it was given.
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        _wait_for("the niced worker to lower its priority",
+                  lambda: os.getpriority(os.PRIO_PROCESS, workers[2].pid) == min(19, base + 5))
+        _wait_for("every worker to run SCHED_BATCH",
+                  lambda: [os.sched_getscheduler(w.pid) for w in workers] == [os.SCHED_BATCH] * 3)
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
         codes = [w.wait(DEADLINE) for w in workers]
         for w in workers:
             w.communicate()
-    assert codes == [0, 0]
+    assert codes == [0, 0, 0]
     assert [server.hits[p] for p in paths] == [1] * len(paths)
     assert len({queue.by_url(server.url(p)).result_key for p in paths}) == 1
     assert len(list(Path(settings.images_dir).glob("*/*/*.webp"))) == 1
