@@ -74,7 +74,13 @@ def none_match_matches(value: str, packed: bytes) -> bool:
 
 
 async def read_json(req: falcon.Request, limit: int, types: tuple[str, ...]) -> object:
-    media = (req.content_type or "").partition(";")[0].strip().lower()
+    media, _, params = (req.content_type or "").partition(";")
+    media = media.strip().lower()
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise Problem(415, "Unsupported charset", f"charset {charset!r} is not supported; send UTF-8")
     if media not in types:
         shown = f"Content-Type {media!r}" if media else "no Content-Type"
         raise Problem(415, "Unsupported media type", f"{shown}; send {' or '.join(types)}",

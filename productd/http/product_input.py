@@ -8,6 +8,7 @@ product (is it there, does its version or ETag allow the write) is the owning sh
 from __future__ import annotations
 
 import os
+import re
 import time
 import unicodedata
 from urllib.parse import urlsplit
@@ -111,8 +112,9 @@ def url_problem(url: object) -> str | None:
         return f"must be a URL string, not {_json_type(url)}"
     if len(url) > MAX_URL:
         return f"is {len(url)} characters; at most {MAX_URL}"
-    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
-        return "must be an ASCII URL without spaces or control characters (percent-encode the rest)"
+    if not _URI.fullmatch(url) or url.count("#") > 1:
+        return "must be a URI (RFC 3986): ASCII letters, digits and -._~:/?#[]@!$&'()*+,;= only, a '%' only " \
+               "before two hex digits, at most one '#' (percent-encode the rest)"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
@@ -134,6 +136,9 @@ _CHECKS = {
     "stock": _int64,
     "version": _int64,
 }
+
+# The characters of a URI (RFC 3986, section 2): unreserved, reserved, and percent-encoded octets.
+_URI = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
