@@ -371,6 +371,7 @@ class Load:
     bulk: bool = False
     description: str = ""
     fixed_connections: int = 0  # this many whatever BENCH_CONNECTIONS says
+    batch: int = BATCH  # events per bulk request, or ids per multi-get
 
     def connections(self) -> int:
         if self.fixed_connections:
@@ -503,7 +504,7 @@ def _run_wrk(port: int, load: Load, seconds: float, name: str) -> LoadResult:
         "--timeout", "10s",
         "-s", str(LUA_DIR / load.lua),
         f"http://{HOST}:{port}/",
-        "--", str(N_PRODUCTS), str(BATCH),
+        "--", str(N_PRODUCTS), str(load.batch),
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     if proc.returncode != 0:
@@ -557,6 +558,9 @@ def _request_maker(load_name: str, seed: int) -> Callable[[], tuple[str, str, by
         return lambda: ("POST", "/events", event(rnd.randrange(N_PRODUCTS)), json_h, True)
     if load_name in ("get", "get_c256"):
         return lambda: ("GET", f"/products/{product_id(rnd.randrange(N_PRODUCTS))}", None, {}, False)
+    if load_name == "get_many":
+        return lambda: ("GET", "/products?ids=" + ",".join(product_id(rnd.randrange(N_PRODUCTS)) for _ in range(100)),
+                        None, {}, False)
     if load_name == "mix":
 
         def mixed():

@@ -13,7 +13,8 @@ import requests
 from service import SHARD_SERIES, TIMEOUT, assert_problem, children, parse_metrics, raw_request, uid
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
-PRODUCT_KEYS = {"product_id", "price", "stock", "version", "updated_at"}
+PRODUCT_KEYS = {"product_id", "price", "stock", "version", "updated_at", "created_at", "etag",
+                "user_id", "name", "description", "images"}  # a bare product: the catalogue fields null or []
 
 
 def parse_ts(value: str) -> datetime:
@@ -234,9 +235,10 @@ def test_metrics_series(service):
         ("DELETE", "/events", {"POST"}),
         ("PATCH", "/events", {"POST"}),
         ("GET", "/events", {"POST"}),
-        ("POST", "/products/abc", {"GET"}),
-        ("PUT", "/products/abc", {"GET"}),
-        ("DELETE", "/products/abc", {"GET"}),
+        ("POST", "/products/abc", {"GET", "PUT", "PATCH", "DELETE"}),
+        ("PUT", "/products", {"GET", "POST"}),
+        ("DELETE", "/products", {"GET", "POST"}),
+        ("POST", "/products/abc/inventory", {"GET"}),
         ("POST", "/healthz", {"GET"}),
         ("POST", "/readyz", {"GET"}),
         ("DELETE", "/metrics", {"GET"}),

@@ -262,7 +262,7 @@ def test_missing_shard_file(data_copy, tmp_path):
 def test_shard_file_from_a_newer_schema(data_copy, tmp_path):
     shard = data_copy / "layout-1-4" / "shard-000.sqlite3"
     db = sqlite3.connect(shard)
-    db.execute("PRAGMA user_version=2")
+    db.execute("PRAGMA user_version=99")  # far newer than any productd so far
     db.close()  # the last connection: the WAL is checkpointed into the file and removed
     refusal = check_refused_untouched(tmp_path, data_copy, shard)
     assert "newer" in refusal.message, refusal.message

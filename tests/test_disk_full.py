@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 import requests
@@ -155,3 +156,42 @@ def test_stop_while_the_disk_is_full_keeps_every_acknowledged_event(small_disk, 
     assert "from its recovery file" not in third.log_text(), third.log_tail()
     assert third.product(sample)["price"] == poster.acknowledged[sample]
     assert third.stop() == 0, third.log_tail()
+
+
+def test_a_shard_killed_while_its_stop_retries_the_commit_loses_nothing(small_disk, start_service):
+    """The stop saves the uncommitted changes to the recovery file at its first failed commit, not
+    only when its time is up: a kill -9 while it retries (systemd's stop timeout) loses nothing."""
+    data_dir = small_disk / "data"
+    args = ["--data-dir", str(data_dir), "--inbox-bytes", "65536", "--graceful-timeout", "20"]
+    svc = start_service(shards=SHARDS, workers=2, extra_args=args, env={"PRODUCTD_DURABILITY": "batch"})
+    poster = Poster(svc.url, uid("killed"))
+    poster.start()
+    try:
+        svc.wait_for(lambda: len(poster.acknowledged) >= 200 or poster.error, "the first events")
+        filler = small_disk / "filler"
+        fill(filler)
+        svc.wait_for(lambda: refusing(svc) == SHARDS or poster.error, "every shard to refuse writes", 60)
+        shards = svc.shard_pids()
+        svc.proc.send_signal(signal.SIGTERM)
+        poster.halt.set()
+        poster.join(timeout=30)
+        time.sleep(3)  # the shards are in their commit retries (20 s of them)
+        for pid in shards:
+            os.kill(pid, signal.SIGKILL)
+        svc.stop(signal.SIGTERM, timeout=90)
+    finally:
+        poster.halt.set()
+        poster.join(timeout=30)
+    assert poster.error is None, poster.error
+    # The restarted shards took their changes back from the recovery file (and committed them,
+    # in the stopping service or at the next start, whichever found room first).
+    assert "products of its recovery file" in svc.log_text() or "from its recovery file" in svc.log_text(), (
+        svc.log_tail())
+    os.unlink(filler)
+    again = start_service(shards=SHARDS, workers=2, extra_args=args, env={"PRODUCTD_DURABILITY": "batch"})
+    session = requests.Session()
+    lost = [pid for pid, price in poster.acknowledged.items()
+            if (r := session.get(f"{again.url}/products/{pid}", timeout=TIMEOUT)).status_code != 200
+            or r.json()["price"] != price]
+    assert not lost, f"{len(lost)} of {len(poster.acknowledged)} acknowledged events lost, e.g. {lost[:5]}"
+    assert again.stop() == 0, again.log_tail()

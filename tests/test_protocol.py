@@ -29,6 +29,16 @@ SAMPLES = {
     ],
     protocol.Get: [protocol.Get(b"\0abcde", 7, "prod-3"), protocol.Get(LONGEST_REPLY_TO, UINT64_MAX, "x")],
     protocol.Stop: [protocol.Stop()],
+    protocol.Write: [
+        protocol.Write(b"\0abcde", 3, 1, "prod-3", {"name": "n", "images": ("https://x/y",)}, (4, 5), None),
+        protocol.Write(LONGEST_REPLY_TO, UINT64_MAX, 3, "x", None, "*", "*"),
+    ],
+    protocol.GetMany: [protocol.GetMany(b"\0abcde", 8, ("a", "b")), protocol.GetMany(LONGEST_REPLY_TO, 1, ())],
+    protocol.Part: [protocol.Part(b"\0abcde", 9, False, b"piece"), protocol.Part(b"\0a", UINT64_MAX, True, b"")],
+    protocol.List: [
+        protocol.List(b"\0abcde", 10, {"user_id": "u", "in_stock": True}, "-price", (0, -2.5, "p"), 101),
+        protocol.List(LONGEST_REPLY_TO, UINT64_MAX, {}, "product_id", None, 1001),
+    ],
 }
 
 
@@ -72,8 +82,8 @@ def test_the_public_helpers_build_the_typed_messages():
     assert items == [("p0", 0.0, 0, 1), ("p1", 1.25, 1, 2), ("p2", 2.5, 2, 3)]
     assert _read_back(protocol.get_frame(address, 9, "prod-3")) == (protocol.Get(address, 9, "prod-3"), [])
     assert _read_back(protocol.stop_frame()) == (protocol.Stop(), [])
-    assert protocol.unpack_reply(protocol.pack_reply(UINT64_MAX, b"record")) == (UINT64_MAX, b"record")
-    assert protocol.unpack_reply(protocol.pack_reply(5, None)) == (5, None)
+    assert protocol.unpack_reply(protocol.pack_reply(UINT64_MAX, b"record")) == [UINT64_MAX, b"record"]
+    assert protocol.unpack_reply(protocol.pack_reply(5, None)) == [5, None]
 
 
 @pytest.mark.parametrize("reply_to", [None, b"", b"\0abcde", b"\0" + b"r" * 254, LONGEST_REPLY_TO])
@@ -152,7 +162,7 @@ def test_the_shard_handles_every_kind_by_its_fields():
     events = [(i, protocol.pack_event(f"p{i}", 1.5, i, None)) for i in range(3)]
     [(_, request_id, events_frame)] = protocol.events_frames(events, address, itertools.count(41), accepted_ns)
     assert not shard.handle(_bodies(events_frame))
-    assert shard.pending_acks == [(address, request_id)]  # answered once committed
+    assert shard.pending_acks == [(address, request_id, None)]  # answered once committed
     assert [board.get(0, f) for f in (status.RECEIVED, status.APPLIED, status.APPLY_COUNT)] == [3, 3, 3]
     assert board.get(0, status.APPLY_SUM_US) >= 3 * 10**6  # accepted_ns read as accepted_ns
     assert not shard.handle(_bodies(protocol.get_frame(other, 9, "p2"), protocol.get_frame(address, 10, "p9")))

@@ -175,6 +175,29 @@ class Part(NamedTuple):
         return _packb((PART, reply_to, request_id, last, chunk))
 
 
+LIST = 6
+
+
+@message
+class List(NamedTuple):
+    """The listing's part of one shard (productd.store.listing.select): the first `limit`
+    products passing `filters` in `sort` order, strictly after the key `after` (None: from the
+    start). The answer is [the shard's change head, [[product_id, packed record], ...]]."""
+
+    reply_to: bytes
+    request_id: int
+    filters: dict
+    sort: str
+    after: list | None
+    limit: int
+
+    KIND = LIST
+
+    @staticmethod
+    def pack(reply_to: bytes, request_id: int, filters: dict, sort: str, after, limit: int) -> bytes:
+        return _packb((LIST, reply_to, request_id, filters, sort, after, limit))
+
+
 @message
 class Changes(NamedTuple):
     """The change feed: the changes after seq `after` (None: none, just the heads), at most

@@ -20,11 +20,11 @@ import msgpack
 from productd.actors import protocol, status
 from productd.actors.inbox import silence
 from productd.actors.status import StatusBoard
-from productd.store import catalogue, recovery
+from productd.store import catalogue, listing, recovery
 from productd.store.changes import OK, ChangeLog
 from productd.store.memory import ShardStore
 from productd.store.record import revision
-from productd.store.sqlite import ShardFile, StoreFileError
+from productd.store.sqlite import ShardFile
 
 log = logging.getLogger("productd.shard")
 
@@ -103,6 +103,7 @@ class Shard:
         self.recovery_reserve = recovery_reserve
         self.recovery = recovery.RecoveryFile(recovery.path_for(path)) if self.file is not None else None
         self.last_commit_error = ""
+        self.recovery_pending = False  # the recovery file holds changes not committed yet
         self.pending_acks: list[tuple[bytes, int]] = []
         self.next_commit = 0.0
         self.commit_failing = False
@@ -128,6 +129,7 @@ class Shard:
                  sid, len(store), self.file.path, time.monotonic() - started)
         self.changes.load(self.file.changes(self.changes.keep), self.file.max_revision())
         self._apply_recovery()
+        self.file.start_checkpointer()
         try:
             self.recovery.reserve(self.recovery_reserve)
         except OSError as exc:
@@ -139,7 +141,10 @@ class Shard:
         """Commit what a stop that could not commit left in the recovery file, then empty it.
 
         A record applies only if it is newer than the committed one, so applying the file twice
-        (a crash between the commit and the clear) changes nothing.
+        (a crash between the commit and the clear) changes nothing. If the disk still refuses the
+        commit, the shard starts anyway with the products in memory, uncommitted, refusing
+        writes and retrying like any failing commit; the file is emptied after the first commit
+        that succeeds (and a stop before that saves them again).
         """
         records = recovery.read(self.recovery.path)
         if not records:
@@ -149,15 +154,14 @@ class Shard:
             current = store.get_packed(product_id)
             if packed is None or current is None or revision(current) < revision(packed):
                 store.put(product_id, packed)
-        try:
-            self.file.save([(product_id, store.get_packed(product_id)) for product_id, _ in records])
-        except Exception as exc:
-            raise StoreFileError(
-                f"shard {self.id} cannot commit the {len(records)} products of its recovery file "
-                f"{self.recovery.path} to {self.file.path}: {exc}; free space or fix the disk and start again "
-                "(the file stays until its products are committed)"
-            ) from exc
-        self.recovery.clear()
+        self.dirty.update(product_id for product_id, _ in records)
+        self.recovery_pending = True
+        if not self.commit():
+            log.error("shard %d cannot commit the %d products of its recovery file %s to %s yet (%s); it serves "
+                      "them from memory, refuses writes and retries: free space or fix the disk",
+                      self.id, len(records), self.recovery.path, self.file.path, self.last_commit_error,
+                      extra={"fields": {"shard": self.id, "recovered_products": len(records)}})
+            return
         log.warning("shard %d committed %d products from its recovery file %s, left by a stop that could not "
                     "commit them", self.id, len(records), self.recovery.path,
                     extra={"fields": {"shard": self.id, "recovered_products": len(records)}})
@@ -275,6 +279,14 @@ class Shard:
             left = deadline - time.monotonic()
             if left <= 0:
                 return self._save_for_recovery()
+            # Saved at once, and again after each retry's new changes: a shard killed while it
+            # retries (systemd's stop timeout, an operator's kill -9) leaves them in the file too.
+            # The commit that succeeds after all empties the file again (recovery_pending).
+            try:
+                self.recovery.save(self._uncommitted())
+                self.recovery_pending = True
+            except OSError:
+                pass  # the last attempt at the deadline logs what is lost
             self._serve_for(min(RETRY_COMMIT, left))
         if self.file is not None:
             self.file.close()  # folds the WAL into the file: a clean copy for backups
@@ -302,11 +314,10 @@ class Shard:
 
     def _save_for_recovery(self) -> int:
         sid, products, events = self.id, len(self.dirty), self.uncommitted_events
-        get = self.store.get_packed
         fields = {"shard": sid, "uncommitted_products": products, "uncommitted_events": events,
                   "recovery_file": self.recovery.path}
         try:
-            self.recovery.save((product_id, get(product_id)) for product_id in self.dirty)
+            self.recovery.save(self._uncommitted())
         except OSError as exc:
             log.error("shard %d stops with %d changed products (%d events) that it could neither commit to %s (%s) "
                       "nor save to %s (%s): they are lost", sid, products, events, self.file.path,
@@ -317,6 +328,10 @@ class Shard:
                   sid, products, events, self.file.path, self.stop_timeout, self.last_commit_error,
                   self.recovery.path, extra={"fields": fields})
         return EXIT_SAVED
+
+    def _uncommitted(self) -> list[tuple[str, bytes | None]]:
+        get = self.store.get_packed
+        return [(product_id, get(product_id)) for product_id in self.dirty]
 
     def commit(self) -> bool:
         """Save every changed product in one transaction, then answer the frames waiting for it."""
@@ -336,6 +351,10 @@ class Shard:
                               self.id, self.file.path, exc, RETRY_COMMIT)
                 self._answer_acks(f"shard {self.id} could not commit: {exc}")
                 return False
+            if self.recovery_pending:  # what the recovery file held is committed now
+                self.file.sync()  # on disk before the file is emptied, whatever --durability says
+                self.recovery.clear()
+                self.recovery_pending = False
             self.dirty.clear()
             self.changes.saved()
             self.uncommitted_events = 0
@@ -448,8 +467,6 @@ class Shard:
 
     def _on_write(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
         _, reply_to, request_id, op, product_id, fields, if_match, if_none_match = head  # protocol.Write
-        if type(if_match) is list:
-            if_match = tuple(if_match)
         changes = self.changes
         seq = changes.head + 1
         outcome, value = catalogue.apply(
@@ -502,6 +519,17 @@ class Shard:
             self.parts_bytes -= sum(map(len, chunks))
             log.warning("shard %d dropped an unfinished message of %d pieces (its sender stopped sending)",
                         self.id, len(chunks))
+
+    def _on_list(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, reply_to, request_id, filters, sort, after, limit = head  # protocol.List
+        batch.reads += 1
+        try:
+            page = listing.select(self.store, filters, sort, after, limit)
+        except Exception:  # the front end checks every value; a bad one must not end the shard
+            log.exception("shard %d could not answer a listing (filters %r, sort %r)", self.id, filters, sort)
+            page = None
+        self.reply(reply_to, request_id, [self.changes.head, page])
+        return False
 
     def _on_ask_stopping(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
         """Behind a STOP, whatever asks for an answer (a read, a catalogue write) gets UNAVAILABLE
@@ -664,6 +692,7 @@ HANDLERS = {
     protocol.GET_MANY: Shard._on_get_many,
     protocol.PART: Shard._on_part,
     protocol.CHANGES: Shard._on_changes,
+    protocol.LIST: Shard._on_list,
 }
 # After a STOP: the same, but what waits for an answer (a read, a catalogue write) is answered
 # UNAVAILABLE at once: the shard is about to exit. Events are still applied: they were accepted.
@@ -674,6 +703,7 @@ STOPPING_HANDLERS = {
     protocol.WRITE: Shard._on_ask_stopping,
     protocol.GET_MANY: Shard._on_ask_stopping,
     protocol.CHANGES: Shard._on_ask_stopping,
+    protocol.LIST: Shard._on_ask_stopping,
 }
 # The feed's user_id filter wants to know whose product a delete removed.
 HANDLERS[protocol.WRITE] = Shard._on_write_feed

@@ -16,18 +16,21 @@ import orjson
 
 from productd.actors.client import ShardClient
 from productd.http import problems
+from productd.http.catalogue import Inventory, Product, Products
 from productd.http.connection import STARTED
 from productd.http.feed import ChangeFeed
 from productd.http.metrics import Metrics
 from productd.http.problems import Problem
-from productd.http.resources import Events, Health, ProductResource, Ready
+from productd.http.resources import Events, Health, Ready
 from productd.http.stats import HttpStats
 
 log = logging.getLogger("productd.http")
 
 ROUTE_NAMES = {
     "/events": "events",
+    "/products": "products",
     "/products/{product_id}": "product",
+    "/products/{product_id}/inventory": "inventory",
     "/healthz": "healthz",
     "/readyz": "readyz",
     "/metrics": "metrics",
@@ -96,16 +99,23 @@ def _problem_detail(resp: falcon.Response) -> str | None:
     return None
 
 
+# What every client may read whatever --auth-reads says: the service's own health and description.
+OPEN_ROUTES = frozenset(("/healthz", "/readyz", "/metrics", "/openapi.json"))
+
+
 class BearerAuth:
-    """Falcon middleware: writes (and, if asked, reads) need `Authorization: Bearer <token>`."""
+    """Falcon middleware: writes (every method but GET and HEAD) and, with --auth-reads, reads of
+    the data (every GET but OPEN_ROUTES) need `Authorization: Bearer <token>`."""
 
     def __init__(self, token: str, reads_too: bool) -> None:
         self.token = token.encode()
         self.reads_too = reads_too
 
     async def process_resource(self, req, resp, resource, params) -> None:
-        route = req.uri_template
-        if (req.method == "POST" and route == "/events") or (self.reads_too and route == "/products/{product_id}"):
+        if resource is None:  # no route: the 404 (or 405) says so without asking for a token
+            return
+        read = req.method in ("GET", "HEAD", "OPTIONS")
+        if not read or (self.reads_too and req.uri_template not in OPEN_ROUTES):
             scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
             # compare_digest takes time independent of where the two tokens differ
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
@@ -149,7 +159,9 @@ def create_app(
     app.set_error_serializer(problems.serialize_error)
     app.add_error_handler(Exception, problems.handle_unexpected)
     app.add_route("/events", Events(client, stats, max_body_bytes, max_events))
-    app.add_route("/products/{product_id}", ProductResource(client))
+    app.add_route("/products", Products(client, max_body_bytes))
+    app.add_route("/products/{product_id}", Product(client, max_body_bytes))
+    app.add_route("/products/{product_id}/inventory", Inventory(client))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(client))
     app.add_route("/metrics", Metrics(client, stats))

@@ -1,19 +1,17 @@
-"""Falcon ASGI resources: events in, products out, and the health of the service."""
+"""Falcon ASGI resources: events in, and the health of the service (products: catalogue.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import falcon
 import orjson
 
-from productd.actors.client import ShardClient, ShardTimeout, ShardUnavailable
+from productd.actors.client import ShardClient
 from productd.http import validation
 from productd.http.connection import BODY_CUT
 from productd.http.problems import Problem
 from productd.http.stats import HttpStats
-from productd.store.record import unpack
 
 JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
@@ -23,19 +21,6 @@ RETRY_AFTER_FULL = "1"
 # the loop: measured with 1,000-event bodies, a thread each halved bulk throughput (277 against
 # 568 requests/s), the hand-over and the GIL costing more than the ~2 ms of work.
 OFFLOAD_BYTES = 256 * 1024
-
-
-_SECONDS: dict[int, str] = {}  # formatted whole seconds: products are often updated in the same second
-
-
-def rfc3339(ns: int) -> str:
-    seconds, rest = divmod(ns, 1_000_000_000)
-    text = _SECONDS.get(seconds)
-    if text is None:
-        if len(_SECONDS) >= 4096:
-            _SECONDS.clear()
-        text = _SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{text}.{rest // 1000:06d}Z"
 
 
 _EXACT_TYPES = {
@@ -53,7 +38,7 @@ class Events:
 
     async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         parse = self._parser(req.content_type)
-        body = await self._read_body(req)
+        body = await read_body(req, self.max_body_bytes)
         if len(body) >= OFFLOAD_BYTES:
             events, per_shard = await asyncio.to_thread(self._prepare, parse, body)
         else:
@@ -96,30 +81,6 @@ class Events:
             headers={"Accept-Post": "application/json, application/x-ndjson"},
         )
 
-    async def _read_body(self, req: falcon.Request) -> bytes:
-        limit = self.max_body_bytes
-        length = req.content_length
-        if length is not None and length > limit:
-            # Refused on the header alone, before a byte is read (and before any 100 Continue).
-            # The rest of the body is read and discarded by the connection (productd.http.connection).
-            # A client that waits for 100 Continue sends no body: the connection cannot go on.
-            raise _too_large(length, limit, {"Connection": "close"} if req.expect else None)
-        # The stream ends where the body ends, with Content-Length or chunked (which the server
-        # decodes): one byte more than the limit tells a body that is too large, and no more than
-        # that is ever held.
-        body = await req.stream.read(limit + 1 if length is None else length)
-        cut = req.scope.get(BODY_CUT)
-        if cut is not None:  # the stream ended early: a closed connection or the body deadline
-            status, detail = cut
-            raise Problem(status, "Incomplete body" if status == 400 else "Body timeout", detail,
-                          kind="incomplete-body" if status == 400 else "request-timeout",
-                          headers={"Connection": "close"})
-        if len(body) > limit:
-            raise _too_large(None, limit)
-        if not body:
-            raise Problem(400, "Empty body", "the request has no body; send one event or an array of events")
-        return body
-
     def _refused(self, result, total: int) -> Problem:
         reasons = []
         if self.client.stopping:
@@ -146,6 +107,31 @@ class Events:
         )
 
 
+async def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The whole request body, at most `limit` bytes: 413 past it, 400 for none or one cut short."""
+    length = req.content_length
+    if length is not None and length > limit:
+        # Refused on the header alone, before a byte is read (and before any 100 Continue).
+        # The rest of the body is read and discarded by the connection (productd.http.connection).
+        # A client that waits for 100 Continue sends no body: the connection cannot go on.
+        raise _too_large(length, limit, {"Connection": "close"} if req.expect else None)
+    # The stream ends where the body ends, with Content-Length or chunked (which the server
+    # decodes): one byte more than the limit tells a body that is too large, and no more than
+    # that is ever held.
+    body = await req.stream.read(limit + 1 if length is None else length)
+    cut = req.scope.get(BODY_CUT)
+    if cut is not None:  # the stream ended early: a closed connection or the body deadline
+        status, detail = cut
+        raise Problem(status, "Incomplete body" if status == 400 else "Body timeout", detail,
+                      kind="incomplete-body" if status == 400 else "request-timeout",
+                      headers={"Connection": "close"})
+    if len(body) > limit:
+        raise _too_large(None, limit)
+    if not body:
+        raise Problem(400, "Empty body", "the request has no body")
+    return body
+
+
 def _too_large(length: int | None, limit: int, headers: dict[str, str] | None = None) -> Problem:
     size = f"{length} bytes" if length is not None else "more than that"
     return Problem(
@@ -154,45 +140,6 @@ def _too_large(length: int | None, limit: int, headers: dict[str, str] | None = 
         kind="body-too-large",
         headers=headers,
     )
-
-
-class ProductResource:
-    def __init__(self, client: ShardClient) -> None:
-        self.client = client
-
-    async def on_get(self, req: falcon.Request, resp: falcon.Response, product_id: str) -> None:
-        if not validation.valid_product_id(product_id):
-            raise Problem(
-                400, "Invalid product id",
-                f"a product id is {validation.PRODUCT_ID_RULE}", kind="invalid-product-id",
-            )
-        try:
-            packed = await self.client.read(product_id)
-        except ShardUnavailable as exc:
-            doing = "stopping" if self.client.stopping else "restarting"
-            raise Problem(
-                503, "Shard unavailable", f"shard {exc.args[0]} that owns this product is {doing}",
-                headers={"Retry-After": "1"},
-            ) from None
-        except ShardTimeout as exc:
-            raise Problem(
-                504, "Shard timeout",
-                f"shard {exc.args[0]} did not answer within {self.client.read_timeout}s (--read-timeout)",
-            ) from None
-        if packed is None:
-            raise Problem(404, "Unknown product", f"no event has been applied for product {product_id!r}")
-        price, stock, version, updated_at_ns = unpack(packed)
-        resp.data = orjson.dumps(
-            {
-                "product_id": product_id,
-                "price": price,
-                "stock": stock,
-                "version": version,
-                "updated_at": rfc3339(updated_at_ns),
-            }
-        )
-
-    on_head = on_get
 
 
 class Health:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from productd.store.record import merge
+import msgpack
+
+from productd.store.record import CORE_SIZE, merge
 
 
 class ShardStore:
@@ -10,6 +12,10 @@ class ShardStore:
 
     def __init__(self) -> None:
         self._records: dict[str, bytes] = {}
+        # user_id -> ids of that owner's products (productd.store.listing): kept by `put`, the one
+        # way a product's details change (catalogue writes, loading, recovery). `apply` (events)
+        # keeps the details tail as it is, so it never touches this.
+        self._by_user: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -34,13 +40,43 @@ class ShardStore:
 
     def put(self, product_id: str, packed: bytes | None) -> None:
         """Store a record (None deletes the product); also what loading from disk uses."""
+        records = self._records
+        old = records.get(product_id)
+        old_user = None if old is None or len(old) == CORE_SIZE else _owner(old)
         if packed is None:
-            self._records.pop(product_id, None)
+            records.pop(product_id, None)
+            new_user = None
         else:
-            self._records[product_id] = packed
+            records[product_id] = packed
+            new_user = None if len(packed) == CORE_SIZE else _owner(packed)
+        if old_user != new_user:
+            by_user = self._by_user
+            if old_user is not None:
+                ids = by_user.get(old_user)
+                if ids is not None:
+                    ids.discard(product_id)
+                    if not ids:
+                        del by_user[old_user]
+            if new_user is not None:
+                by_user.setdefault(new_user, set()).add(product_id)
 
     load = put
 
     def items(self):
         """(product id, packed record) of every product, in no particular order."""
         return self._records.items()
+
+    def owned_by(self, user_id: str) -> set[str]:
+        """Ids of the products whose user_id is `user_id` (do not change the set)."""
+        return self._by_user.get(user_id, _NONE)
+
+
+_NONE: frozenset = frozenset()
+
+
+def _owner(packed: bytes) -> str:
+    """The user_id of a catalogued record: the first item of its details tail, read alone."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(packed[CORE_SIZE:CORE_SIZE + 200])  # the array header and a user_id of <= 128 ASCII chars
+    unpacker.read_array_header()
+    return unpacker.unpack()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from urllib.parse import quote
 
@@ -24,6 +26,14 @@ from productd.store.record import CORE_SIZE, UNSET, details, pack_fields, unpack
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 1.0  # seconds
+# The shard's checkpointer folds the WAL into the file off the shard's loop once the WAL holds
+# this much, looking every CHECKPOINT_EVERY seconds. SQLite's own checkpoint (every 1,000 pages,
+# inside a commit, with its fsyncs) made a commit of 1,000 changed products into a
+# 250,000-product file cost 27 ms instead of 10.
+CHECKPOINT_WAL_BYTES = 4 << 20
+CHECKPOINT_EVERY = 0.5
+CHECKPOINT_FORCE_BYTES = 64 << 20
+log = logging.getLogger("productd.store")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
     id TEXT PRIMARY KEY,
@@ -63,6 +73,7 @@ class ShardFile:
     def __init__(self, path: str, *, sync: bool) -> None:
         self.path = path
         self.db = None
+        self._checkpointer: _Checkpointer | None = None
         try:
             # A writer that holds the file (an operator's open transaction in the sqlite3 shell)
             # makes a commit wait at most BUSY_TIMEOUT, then fail and be retried: the shard's
@@ -172,7 +183,9 @@ class ShardFile:
         """In one transaction: write these records (None: delete the product), add these
         changes and drop the changes up to `forget_through`. Returns how many records.
         Raises sqlite3.Error."""
-        rows = [(product_id, *_sql_fields(packed)) for product_id, packed in records if packed is not None]
+        # In key order: measured on 1,000 random products of a 250,000-product file, 9.3 ms a
+        # commit against 11.3 unsorted (checkpoints aside).
+        rows = sorted((product_id, *_sql_fields(packed)) for product_id, packed in records if packed is not None)
         gone = [(product_id,) for product_id, packed in records if packed is None]
         db = self.db
         db.execute("BEGIN")
@@ -190,8 +203,62 @@ class ShardFile:
             raise
         return len(rows)
 
+    def sync(self) -> None:
+        """Make every commit so far durable, also with synchronous=NORMAL: a full checkpoint
+        syncs the WAL and copies it into the file."""
+        self.db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+
+    def start_checkpointer(self) -> None:
+        """Fold the WAL into the file from a thread of its own from now on, not inside commits."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer.start()
+
     def close(self) -> None:
-        self.db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+        self.db.close()  # the last connection: SQLite checkpoints and removes the WAL
+
+
+class _Checkpointer(threading.Thread):
+    """Passive checkpoints on a connection of its own: they never block the shard's commits, and
+    SQLite lets go of the GIL while it copies and syncs pages."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name="checkpointer", daemon=True)
+        self.path = path
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        wal = self.path + "-wal"
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        failing = False
+        try:
+            while not self._halt.wait(CHECKPOINT_EVERY):
+                try:
+                    size = os.path.getsize(wal)
+                    if size < CHECKPOINT_WAL_BYTES:
+                        continue
+                    # A passive checkpoint never waits for the shard's commits, but under commits
+                    # that never pause it may never finish the WAL, which then grows: past
+                    # CHECKPOINT_FORCE_BYTES the next commit waits for a RESTART, which lets the
+                    # WAL start over.
+                    mode = "RESTART" if size >= CHECKPOINT_FORCE_BYTES else "PASSIVE"
+                    db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                    failing = False
+                except FileNotFoundError:
+                    continue
+                except sqlite3.Error as exc:  # a full disk: the WAL keeps the commits, try again later
+                    if not failing:
+                        log.warning("checkpoint of %s failed: %s; the WAL grows until one succeeds", self.path, exc)
+                    failing = True
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
 
 
 def _check_version(db: sqlite3.Connection, path: str) -> int:
