@@ -385,3 +385,34 @@ def test_changelog_remembers_whose_product_a_delete_removed():
     log.note_delete(2, owned(1, "u"))
     assert [e[0] for e in log.since(0, 10, "u", None, 100)[2]] == [1, 2]
     assert log.since(0, 10, "v", None, 100)[2] == []
+
+
+def test_the_shard_parks_an_empty_changes_request_and_answers_it_after_the_next_batch():
+    from productd.actors import protocol
+    from productd.actors.shard import Shard
+    from productd.actors.status import StatusBoard
+
+    class Recording(Shard):
+        def __init__(self) -> None:
+            super().__init__(0, -1, StatusBoard(1))
+            self.sent: list = []
+
+        def reply(self, address, request_id, payload) -> None:
+            self.sent.append((address, request_id, payload))
+
+    shard = Recording()
+    frames = protocol.FrameReader()
+    body = frames.feed(protocol.frame(protocol.Changes.pack(b"\0a", 1, None, None, None, 10, 0.0)))
+    shard.handle(body)
+    head = shard.sent[-1][2][1]
+    shard.handle(frames.feed(protocol.frame(protocol.Changes.pack(b"\0a", 2, head, None, ("x",), 10, 15.0))))
+    assert len(shard.sent) == 1 and len(shard.parked) == 1  # parked: nothing yet
+    events = [(0, protocol.pack_event("y", 1.0, 1, None)), (1, protocol.pack_event("x", 2.0, 2, None))]
+    [(_, _, frame)] = protocol.events_frames(events, None, iter(range(5, 9)), 0)
+    shard.handle(frames.feed(frame))
+    shard._feed_turn()
+    [(address, request_id, answer)] = shard.sent[1:]
+    assert (address, request_id) == (b"\0a", 2) and not shard.parked
+    status, new_head, _oldest, scanned_to, items = answer
+    assert status == OK and new_head == head + 2 and scanned_to == head + 2
+    assert [(seq, product_id) for seq, product_id, _ in items] == [(head + 2, "x")]

@@ -39,6 +39,10 @@ SAMPLES = {
         protocol.List(b"\0abcde", 10, {"user_id": "u", "in_stock": True}, "-price", (0, -2.5, "p"), 101),
         protocol.List(LONGEST_REPLY_TO, UINT64_MAX, {}, "product_id", None, 1001),
     ],
+    protocol.Changes: [
+        protocol.Changes(b"\0abcde", 11, 5, "u", ("a", "b"), 1000, 15.0),
+        protocol.Changes(LONGEST_REPLY_TO, UINT64_MAX, None, None, None, 1, 0.0),
+    ],
 }
 
 
