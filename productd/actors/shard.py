@@ -340,7 +340,7 @@ class Shard:
             changes = self.changes
             try:
                 self.file.save([(product_id, records(product_id)) for product_id in self.dirty],
-                               changes.unsaved, changes.head - changes.keep)
+                               changes.unsaved, changes.oldest())
             except Exception as exc:  # disk full, I/O error, ...: keep the changes and retry
                 self.next_commit = time.monotonic() + RETRY_COMMIT
                 self.last_commit_error = str(exc)
@@ -564,7 +564,7 @@ class Shard:
             changes.forget()
             changes.head = max(changes.head, newest)
         marker = changes.void(0 if fresh else VOID_GAP)
-        self.file.save([], [marker], changes.head - changes.keep)
+        self.file.save([], [marker], changes.oldest())
         changes.saved()
 
     def _on_changes(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:

@@ -88,10 +88,13 @@ class ChangeFeed:
                 heads = feed_cursor.decode(cursor, shards)
             except feed_cursor.BadCursor as exc:
                 raise Problem(400, "Bad cursor", f"{exc}; {RESYNC}", kind="bad-cursor") from None
+        # Without a cursor every shard is asked for its head (the cursor names them all); with
+        # one, only the shards the filter needs, for the changes after it.
+        initial = asked if heads is not None else list(range(shards))
         first = await _shard_errors(asyncio.gather(*(
-            self._ask(s, None if heads is None else heads[s], user_id, per_shard[s], 0.0) for s in asked
+            self._ask(s, None if heads is None else heads[s], user_id, per_shard[s], 0.0) for s in initial
         )))
-        for s, answer in zip(asked, first, strict=True):
+        for s, answer in zip(initial, first, strict=True):
             status = answer[0]
             if status != OK:
                 why = (f"shard {s} keeps changes after {answer[2]} only; the cursor is at {heads[s]}"
@@ -101,7 +104,7 @@ class ChangeFeed:
                               resync="/products")
         positions = list(heads) if heads is not None else [0] * shards
         if heads is None:
-            for s, answer in zip(asked, first, strict=True):
+            for s, answer in zip(initial, first, strict=True):
                 positions[s] = answer[1]
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("X-Accel-Buffering", "no")
