@@ -427,3 +427,16 @@ def test_the_history_on_disk_survives_several_restarts(start_service, tmp_path):
         svc = durable(start_service, tmp_path, "batch")
     assert get_changes(svc, since=old).status_code == 200
     assert svc.stop() == 0
+
+
+def test_a_stop_ends_open_streams_with_a_cut_off(start_service):
+    svc = start_service(shards=2, workers=1)
+    feed = Feed(svc)
+    started = time.monotonic()
+    assert svc.stop() == 0
+    assert time.monotonic() - started < 15  # the stream does not hold the stop for --graceful-timeout
+    events = []
+    while (event := feed.next()) is not None:
+        events.append(event)
+    assert events and events[-1]["event"] == "cut-off" and events[-1]["data"]["reason"] == "stopping"
+    feed.close()
