@@ -1033,11 +1033,6 @@ def test_catalogue_survives_restart(start_service, tmp_path, durability):
     assert svc.stop() == 0, svc.log_tail()
 
 
-STATE_LOSS = ("memory-only: a shard that loses its state starts its revisions at 1 again, so an ETag from "
-              "before the loss matches a new product (beyond the spec's letter; the lead decides)")
-
-
-@pytest.mark.xfail(strict=True, reason=STATE_LOSS)
 def test_an_etag_from_before_a_state_loss_does_not_match(start_service):
     svc = start_service(shards=1, workers=1)
     pid = uid("lost")
