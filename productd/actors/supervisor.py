@@ -39,6 +39,7 @@ log = logging.getLogger("productd.supervisor")
 
 STARTUP_POLL = 0.05
 EXIT_SOFTWARE = 70  # a shard that raised
+DRAIN_DEATHS = 5  # deaths within 30 s after which a stopping service stops restarting a shard
 EXTEND_EVERY = 10.0  # seconds between systemd start-timeout extensions while loading
 EXTEND_BY_USEC = 30_000_000
 STOP_RETRY = 0.05  # seconds between tries to hand a STOP frame to a full inbox
@@ -370,6 +371,16 @@ class Supervisor:
         now = time.monotonic()
         deaths = [t for t in self.recent_deaths.get(shard, []) if now - t < 30] + [now]
         self.recent_deaths[shard] = deaths
+        if self.phase is Phase.DRAINING and len(deaths) > DRAIN_DEATHS:
+            # A shard that cannot even start (a full disk can refuse to open its file) would be
+            # restarted until systemd kills us all: give up on it, say so, and exit non-zero.
+            log.error("shard %d (pid %d) %s, its %d death in 30s while the service stops; giving up on it. What it "
+                      "had not committed is in its recovery file if its stop saved one (see its lines above), "
+                      "else lost since its last commit", shard, pid, how, len(deaths))
+            self.stopped.add(shard)
+            self.unsaved.add(shard)
+            self._fail(1)
+            return
         delay = 0.0 if len(deaths) <= 3 else min(5.0, 0.1 * 2 ** (len(deaths) - 3))
         log.error(
             "shard %d (pid %d) %s; restarting it%s. %s; events still in its inbox will be applied by the new process",
