@@ -124,8 +124,11 @@ def answer(resp: falcon.Response, product_id: str, outcome: int, value: object) 
 
 async def _read_one(client: ShardClient, product_id: str) -> bytes:
     check_id(product_id)
-    with shard_errors(client):
+    try:  # not `with shard_errors(...)`: the context manager costs a GET 0.8 us
         packed = await client.read(product_id)
+    except (ShardUnavailable, ShardTimeout):
+        with shard_errors(client):
+            raise
     if packed is None:
         raise Problem(404, "Unknown product", f"there is no product {product_id!r}")
     return packed
@@ -140,12 +143,12 @@ class Product:
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response, product_id: str) -> None:
         packed = await _read_one(self.client, product_id)
-        tag = etag(revision(packed))
-        resp.set_header("ETag", tag)
-        inm = req.get_header("If-None-Match")
-        if inm is not None and none_match_matches(inm, packed):
-            resp.status = falcon.HTTP_304
-            return
+        resp.set_header("ETag", etag(revision(packed)))
+        # Straight from the scope: req.get_header builds a dict of every header, on the hottest path.
+        for name, value in req.scope["headers"]:
+            if name == b"if-none-match" and none_match_matches(value.decode("latin-1"), packed):
+                resp.status = falcon.HTTP_304
+                return
         resp.data = orjson.dumps(product_json(product_id, packed))
 
     on_head = on_get
