@@ -64,27 +64,36 @@ def shard_products(port: int) -> int:
     return sum(s.get("products", 0) for s in readyz(port)["shards"])
 
 
-def load_products(port: int, n: int, threads: int = 2) -> float:
-    """POST n distinct products as NDJSON; returns seconds until all are counted by the shards."""
-    started = time.monotonic()
-    chunks = list(range(0, n, CHUNK))
+def in_threads(work, threads: int) -> None:
+    """Run work(k) for k in 0..threads-1, each in a thread of its own; raise the first error."""
     errors: list[BaseException] = []
 
-    def worker(k: int) -> None:
+    def run(k: int) -> None:
         try:
-            for start in chunks[k::threads]:
-                ids = [memory_id(i) for i in range(start, min(n, start + CHUNK))]
-                live.post_ndjson(port, ids, chunk=CHUNK, seed=start)
+            work(k)
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
 
-    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
     for t in workers:
         t.start()
     for t in workers:
         t.join()
     if errors:
         raise errors[0]
+
+
+def load_products(port: int, n: int, threads: int = 2) -> float:
+    """POST n distinct products as NDJSON; returns seconds until all are counted by the shards."""
+    started = time.monotonic()
+    chunks = list(range(0, n, CHUNK))
+
+    def worker(k: int) -> None:
+        for start in chunks[k::threads]:
+            ids = [memory_id(i) for i in range(start, min(n, start + CHUNK))]
+            live.post_ndjson(port, ids, chunk=CHUNK, seed=start)
+
+    in_threads(worker, threads)
     deadline = time.monotonic() + 300
     while shard_products(port) < n:
         if time.monotonic() > deadline:

@@ -16,9 +16,10 @@ import json
 import shutil
 import sys
 import tempfile
-import threading
 
 from bench import live, memory
+
+JSON = {"Content-Type": "application/json"}
 
 
 def catalogued(i: int) -> bytes:
@@ -34,25 +35,13 @@ def catalogued(i: int) -> bytes:
 
 
 def post_catalogued(port: int, n: int, threads: int = 4) -> None:
-    errors: list[BaseException] = []
-
     def worker(k: int) -> None:
-        try:
-            for i in range(k, n, threads):
-                status, _, body = live.request("POST", port, "/products", catalogued(i),
-                                               {"Content-Type": "application/json"})
-                if status != 201:
-                    raise RuntimeError(f"POST /products answered {status}: {body[:300]!r}")
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
+        for i in range(k, n, threads):
+            status, _, body = live.request("POST", port, "/products", catalogued(i), JSON)
+            if status != 201:
+                raise RuntimeError(f"POST /products answered {status}: {body[:300]!r}")
 
-    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    if errors:
-        raise errors[0]
+    memory.in_threads(worker, threads)
 
 
 def main() -> int:

@@ -275,7 +275,10 @@ class ShardClient:
 
     async def read(self, product_id: str) -> bytes | None:
         """The product's packed record (see productd.store.record) as its shard has it now,
-        behind every event already in its inbox; None if it has none."""
+        behind every event already in its inbox; None if it has none.
+
+        `ask` specialised for the hottest path: one frame, no Parts, no callback to build it.
+        """
         shard = shard_for(product_id, self.shards)
         board = self.board
         if board.state(shard) != status.READY or self.gone:
