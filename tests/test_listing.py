@@ -424,3 +424,16 @@ def test_live_changes_cursor_is_each_shards_head(live):
     after = heads()
     assert sum(after) == sum(before) + 1 and all(a >= b for a, b in zip(after, before, strict=True))
     assert requests.head(live.url + "/products", timeout=TIMEOUT).status_code == 200
+
+
+
+@pytest.mark.parametrize("since", ["1078-10-13T12:28:23.60420-23:21", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"])
+def test_live_updated_since_far_from_now_is_a_bound_not_an_error(live, since):
+    """Found by schemathesis: a date-time before 1970 or after 2262 overflowed the shard's message (500)."""
+    assert 0 <= http_listing._updated_since(since) <= 2**63 - 1
+    owner = f"far-{since[:4]}"
+    r = requests.post(live.url + "/products", json={"user_id": owner, "name": "n"}, timeout=TIMEOUT)
+    assert r.status_code == 201, r.text
+    body = requests.get(live.url + "/products", params={"user_id": owner, "updated_since": since},
+                        timeout=TIMEOUT).json()
+    assert [p["product_id"] for p in body["products"]] == ([] if since.startswith("9999") else [r.json()["product_id"]])

@@ -212,7 +212,9 @@ def _updated_since(text: str) -> int:
             raise ValueError("has an offset out of range")
         shift = hours * 3600 + minutes * 60
         seconds += -shift if offset[0] != "-" else shift
-    return seconds * 1_000_000_000 + int(frac.ljust(9, "0") or 0)
+    # Before 1970 every product is newer; past 2262 none is (timestamps are int64 nanoseconds, and
+    # the shard's message must hold the bound).
+    return min(max(0, seconds * 1_000_000_000 + int(frac.ljust(9, "0") or 0)), 2**63 - 1)
 
 
 _CHECKS = {
