@@ -9,12 +9,12 @@ import re
 
 import msgpack
 import pytest
+from frames import RecordingShard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from productd.actors import protocol
 from productd.actors.shard import Shard
-from productd.actors.status import StatusBoard
 from productd.http import product_input
 from productd.http.problems import Problem
 from productd.store import catalogue
@@ -208,22 +208,13 @@ def test_a_reply_of_any_size_comes_back_whole(size):
 # ---------------------------------------------------------------- the shard's handlers
 
 
-class _RecordingShard(Shard):
-    def __init__(self, **kw) -> None:
-        super().__init__(0, -1, StatusBoard(1), **kw)
-        self.sent: list[tuple[bytes, int, object]] = []
-
-    def reply(self, address, request_id, payload) -> None:
-        self.sent.append((address, request_id, payload))
-
-
 def _handle(shard: Shard, *bodies: bytes) -> bool:
     frames = b"".join(frame for body in bodies for frame in protocol.message_frames(body, b"\0a", 1))
     return shard.handle(protocol.FrameReader().feed(frames))
 
 
 def test_the_shard_applies_writes_in_order_and_numbers_every_change():
-    shard = _RecordingShard()
+    shard = RecordingShard()
     ids = itertools.count(1)
     address = b"\0abcde"
     create = protocol.Write.pack(address, next(ids), catalogue.CREATE, "p", fields_of(user_id="u", name="n"),
@@ -247,7 +238,7 @@ def test_the_shard_applies_writes_in_order_and_numbers_every_change():
 
 
 def test_a_write_too_big_for_one_frame_is_joined_from_its_parts_among_other_frames():
-    shard = _RecordingShard()
+    shard = RecordingShard()
     address = b"\0abcde"
     big = fields_of(user_id="u", name="n", description="\U0001f600" * 5000,
                     images=tuple(f"https://img.example/{i}/" + "a" * 2000 for i in range(10)))
@@ -264,7 +255,7 @@ def test_a_write_too_big_for_one_frame_is_joined_from_its_parts_among_other_fram
 
 
 def test_get_many_answers_in_the_order_asked():
-    shard = _RecordingShard()
+    shard = RecordingShard()
     _handle(shard, protocol.Write.pack(b"\0a", 1, catalogue.CREATE, "b", fields_of(user_id="u", name="n"), None, None))
     _handle(shard, protocol.GetMany.pack(b"\0a", 2, ("x", "b", "y")))
     records = shard.sent[-1][2]
@@ -272,7 +263,7 @@ def test_get_many_answers_in_the_order_asked():
 
 
 def test_a_sync_shard_answers_a_write_only_after_its_commit(tmp_path):
-    shard = _RecordingShard(path=str(tmp_path / "shard-000.sqlite3"), durability="sync")
+    shard = RecordingShard(path=str(tmp_path / "shard-000.sqlite3"), durability="sync")
     _handle(shard, protocol.Write.pack(b"\0a", 1, catalogue.CREATE, "p", fields_of(user_id="u", name="n"), None, None))
     assert shard.sent == [] and len(shard.pending_acks) == 1
     assert shard.commit()

@@ -9,14 +9,13 @@ from datetime import UTC, datetime
 
 import pytest
 import requests
+from frames import RecordingShard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service import TIMEOUT, assert_problem
 
 from productd.actors import protocol
 from productd.actors.routing import shard_for
-from productd.actors.shard import Shard
-from productd.actors.status import StatusBoard
 from productd.http import listing as http_listing
 from productd.http.problems import Problem
 from productd.store import catalogue, listing
@@ -235,21 +234,12 @@ def test_good_queries_parse():
 # ---------------------------------------------------------------- the shard's handler, in process
 
 
-class _RecordingShard(Shard):
-    def __init__(self) -> None:
-        super().__init__(0, -1, StatusBoard(1))
-        self.sent: list[tuple[bytes, int, object]] = []
-
-    def reply(self, address: bytes, request_id: int, payload: object) -> None:
-        self.sent.append((address, request_id, payload))
-
-
 def _handle(shard, *bodies):
     return shard.handle(protocol.FrameReader().feed(b"".join(protocol.frame(b) for b in bodies)))
 
 
 def test_the_shard_lists_behind_writes_and_keeps_the_index():
-    shard = _RecordingShard()
+    shard = RecordingShard()
     address = b"\0lister"
     fields = {"user_id": "u1", "name": "Red Shoe", "price": 3.0, "stock": 1}
     _handle(
@@ -274,7 +264,7 @@ def test_the_shard_lists_behind_writes_and_keeps_the_index():
 
 
 def test_a_list_the_store_cannot_answer_is_logged_not_fatal():
-    shard = _RecordingShard()
+    shard = RecordingShard()
     shard.store.put("p", pack_fields(1.0, 1, None, 1))
     _handle(shard, protocol.List.pack(b"\0x", 1, {}, "price", ("not", "a", "key", "at all"), 5))
     assert shard.sent == [(b"\0x", 1, [0, None])]

@@ -8,10 +8,10 @@ import socket
 import time
 
 import pytest
+from frames import RecordingShard
 
 from productd.actors import protocol, status
-from productd.actors.shard import HANDLERS, Shard
-from productd.actors.status import StatusBoard
+from productd.actors.shard import HANDLERS
 from productd.http.validation import PRODUCT_ID_RULE
 
 INT64_MAX = 2**63 - 1
@@ -141,17 +141,6 @@ def test_a_kind_code_is_registered_once():
         protocol.message(Twice)
 
 
-class _RecordingShard(Shard):
-    """A shard in process whose replies are recorded instead of sent."""
-
-    def __init__(self) -> None:
-        super().__init__(0, -1, StatusBoard(1))
-        self.sent: list[tuple[bytes, int, object]] = []
-
-    def reply(self, address: bytes, request_id: int, payload: object) -> None:
-        self.sent.append((address, request_id, payload))
-
-
 def _bodies(*frames: bytes) -> list[bytes]:
     return protocol.FrameReader().feed(b"".join(frames))
 
@@ -159,7 +148,7 @@ def _bodies(*frames: bytes) -> list[bytes]:
 def test_the_shard_handles_every_kind_by_its_fields():
     """Each handler reads the header's fields in the order its kind declares them: a handler that
     took one field for another would answer the wrong address, request or product here."""
-    shard = _RecordingShard()
+    shard = RecordingShard()
     board = shard.board
     address, other = b"\0abcde", b"\0fghij"
     accepted_ns = time.time_ns() - 10**9  # a second before the shard applies them
