@@ -9,9 +9,7 @@ wins, without a lock. The front end has checked every field's type and range alr
 
 from __future__ import annotations
 
-import math
-
-from productd.store.record import CORE_SIZE, UNSET, pack_fields, unpack, unpack_fields
+from productd.store.record import pack_fields, unpack, unpack_fields
 
 # Write operations, as the Write message carries them.
 CREATE, PUT, PATCH, DELETE = 0, 1, 2, 3
@@ -79,17 +77,3 @@ def _from_fields(fields: dict, base: dict) -> dict:
     images = fields["images"] if "images" in fields else base.get("images")
     values["images"] = images or ()
     return values
-
-
-def is_bare(packed: bytes) -> bool:
-    return len(packed) == CORE_SIZE
-
-
-def stock_of(packed: bytes) -> int | None:
-    stock = unpack_fields(packed)[1]
-    return None if stock == UNSET else stock
-
-
-def price_of(packed: bytes) -> float | None:
-    price = unpack_fields(packed)[0]
-    return None if math.isnan(price) else price
