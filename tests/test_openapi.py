@@ -56,6 +56,7 @@ expected-statuses = ["2xx", "3xx", "401", "404", "409", "412"]
 # independent query parameters cannot say; nor can it bound the request target (8 KiB: 414).
 include-operation-id = "listProducts"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "414"]
+checks.negative_data_rejection.expected-statuses = ["400", "401", "404", "405", "413", "414", "415", "422"]
 
 [[operations]]
 # A product created by events only has no owner and no name: a patch gives it both or neither (422),
