@@ -24,6 +24,7 @@ from productd.store import catalogue, listing, recovery
 from productd.store.changes import OK, ChangeLog
 from productd.store.memory import ShardStore
 from productd.store.record import revision
+from productd.store.reshard_history import FOREIGN, Origins
 from productd.store.sqlite import ShardFile
 
 log = logging.getLogger("productd.shard")
@@ -113,6 +114,8 @@ class Shard:
         self.parts_bytes = 0
         self.outbox: collections.deque = collections.deque()  # (deadline, address, datagrams left)
         self.handlers = HANDLERS  # STOPPING_HANDLERS once a STOP was read
+        self.origins: Origins | None = None  # the history a reshard carried here, for old cursors
+        self.life_start = 0  # the change number this life began at (its void marker)
 
     def load(self) -> None:
         if self.file is None:
@@ -128,6 +131,8 @@ class Shard:
         log.info("shard %d loaded %d products from %s in %.2fs",
                  sid, len(store), self.file.path, time.monotonic() - started)
         self.changes.load(self.file.changes(self.changes.keep), self.file.max_revision())
+        origins = self.file.origins()
+        self.origins = Origins.unpack(origins) if origins else None
         self._apply_recovery()
         self.file.start_checkpointer()
         try:
@@ -564,6 +569,7 @@ class Shard:
             changes.forget()
             changes.head = max(changes.head, newest)
         marker = changes.void(0 if fresh else VOID_GAP)
+        self.life_start = marker[0]
         self.file.save([], [marker], changes.oldest())
         changes.saved()
 
@@ -574,6 +580,11 @@ class Shard:
         if after is None:
             self.reply(reply_to, request_id, [OK, changes.head, changes.oldest(), changes.head, []])
             return False
+        if isinstance(after, (list, tuple)):  # a cursor from before a reshard (productd.store.reshard_history)
+            status_, after = self.origins.translate(after, self.life_start) if self.origins else (FOREIGN, 0)
+            if status_ != OK:
+                self.reply(reply_to, request_id, [status_, changes.head, changes.oldest(), 0, []])
+                return False
         wanted = None if ids is None else frozenset(ids)
         limit = max(1, min(int(limit), FEED_LIMIT))
         status_, scanned_to, found = changes.since(after, limit, user_id, wanted, FEED_SCAN)

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Callable
 
-from productd.store import recovery
+from productd.store import recovery, reshard_history
 from productd.store.sqlite import ShardFile, StoreFileError
 
 FORMAT = 1
@@ -144,11 +144,16 @@ class DataDir:
         log.info("resharding %s from %d to %d shards", self.path, old, new)
         targets = [ShardFile(os.path.join(tmp, f"shard-{s:03d}.sqlite3"), sync=True) for s in range(new)]
         moved = 0
+        histories, covered = [], []
         for shard in range(old):
             path = self.shard_path(old_layout, shard)
             if not os.path.exists(path):
+                histories.append([])
+                covered.append(reshard_history.old_shard([], 0))
                 continue
             source = ShardFile(path, sync=False)
+            histories.append(source.changes(1 << 62))
+            covered.append(reshard_history.old_shard(histories[-1], source.max_revision()))
             buckets: list[list] = [[] for _ in range(new)]
             for product_id, packed in source.rows():
                 buckets[route(product_id, new)].append((product_id, packed))
@@ -158,8 +163,14 @@ class DataDir:
                     log.info("resharding: %d products moved", moved)
             _flush(targets, buckets)
             source.close()
-        for target in targets:
+        base = max((o.head for o in covered), default=0)
+        changes, origins = reshard_history.carry(histories, base, new, route)
+        for target, carried, origin in zip(targets, changes, origins, strict=True):
+            for at in range(0, len(carried), RESHARD_CHUNK):
+                target.save([], carried[at:at + RESHARD_CHUNK])
+            target.save_origins(reshard_history.Origins(covered, origin).pack())
             target.close()
+        log.info("resharding: %d changes of history carried", sum(map(len, changes)))
         _fsync_dir(tmp)
         final = os.path.join(self.path, layout)
         os.rename(tmp, final)

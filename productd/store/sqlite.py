@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS changes (
     product_id TEXT NOT NULL,
     record BLOB            -- the packed record after the change; NULL: the product was deleted
 );
+CREATE TABLE IF NOT EXISTS reshard_origins (  -- written by a reshard (productd.store.reshard_history)
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    origins BLOB NOT NULL  -- Origins.pack(): the old shards' histories and where each carried change came from
+);
 """
 _UPGRADE_FROM_1 = """
 ALTER TABLE products ADD COLUMN created_at_ns INTEGER;
@@ -170,6 +174,14 @@ class ShardFile:
             raise StoreFileError(f"{self.path} is corrupt: {exc}") from exc
         rows.reverse()
         return rows
+
+    def origins(self) -> bytes | None:
+        """What a reshard recorded of the history it carried here (None: this file was not made by one)."""
+        row = self.db.execute("SELECT origins FROM reshard_origins").fetchone()
+        return row[0] if row else None
+
+    def save_origins(self, data: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO reshard_origins VALUES (1, ?)", (data,))
 
     def max_revision(self) -> int:
         return self.db.execute("SELECT coalesce(max(revision), 0) FROM products").fetchone()[0]
