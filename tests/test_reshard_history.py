@@ -47,7 +47,10 @@ def test_an_old_cursor_gets_every_change_it_had_not_seen_in_per_product_order(dr
     old, hist = drawn
     covered = [old_shard(h, 0) for h in hist]
     base = max(o.head for o in covered)
-    changes, origins = carry(hist, base, new, shard_for)
+    carried = carry(hist, [{seq: "o" for seq, _, packed in h if packed is None} for h in hist], base, new, shard_for)
+    changes, origins = [c.changes for c in carried], [c.origins for c in carried]
+    # The deletes keep their owner under their new numbers.
+    assert all(c.owners == {seq: "o" for seq, _, packed in c.changes if packed is None} for c in carried)
     # Every change went to its product's new owner, numbered after base, in per-product order.
     assert Counter((p, r) for rows in changes for _, p, r in rows) == Counter((p, r) for h in hist for _, p, r in h)
     for target, rows in enumerate(changes):

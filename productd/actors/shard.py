@@ -130,7 +130,8 @@ class Shard:
                 log.info("shard %d loading: %d products so far", sid, count)
         log.info("shard %d loaded %d products from %s in %.2fs",
                  sid, len(store), self.file.path, time.monotonic() - started)
-        self.changes.load(self.file.changes(self.changes.keep), self.file.max_revision())
+        rows, owners = self.file.changes(self.changes.keep)
+        self.changes.load(rows, self.file.max_revision(), owners)
         origins = self.file.origins()
         self.origins = Origins.unpack(origins) if origins else None
         self._apply_recovery()
@@ -345,7 +346,7 @@ class Shard:
             changes = self.changes
             try:
                 self.file.save([(product_id, records(product_id)) for product_id in self.dirty],
-                               changes.unsaved, changes.oldest())
+                               changes.unsaved, changes.oldest(), changes.owners)
             except Exception as exc:  # disk full, I/O error, ...: keep the changes and retry
                 self.next_commit = time.monotonic() + RETRY_COMMIT
                 self.last_commit_error = str(exc)

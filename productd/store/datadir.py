@@ -144,16 +144,19 @@ class DataDir:
         log.info("resharding %s from %d to %d shards", self.path, old, new)
         targets = [ShardFile(os.path.join(tmp, f"shard-{s:03d}.sqlite3"), sync=True) for s in range(new)]
         moved = 0
-        histories, covered = [], []
+        histories, owners, covered = [], [], []
         for shard in range(old):
             path = self.shard_path(old_layout, shard)
             if not os.path.exists(path):
                 histories.append([])
+                owners.append({})
                 covered.append(reshard_history.old_shard([], 0))
                 continue
             source = ShardFile(path, sync=False)
-            histories.append(source.changes(1 << 62))
-            covered.append(reshard_history.old_shard(histories[-1], source.max_revision()))
+            history, owned = source.changes(1 << 62)
+            histories.append(history)
+            owners.append(owned)
+            covered.append(reshard_history.old_shard(history, source.max_revision()))
             buckets: list[list] = [[] for _ in range(new)]
             for product_id, packed in source.rows():
                 buckets[route(product_id, new)].append((product_id, packed))
@@ -164,13 +167,13 @@ class DataDir:
             _flush(targets, buckets)
             source.close()
         base = max((o.head for o in covered), default=0)
-        changes, origins = reshard_history.carry(histories, base, new, route)
-        for target, carried, origin in zip(targets, changes, origins, strict=True):
-            for at in range(0, len(carried), RESHARD_CHUNK):
-                target.save([], carried[at:at + RESHARD_CHUNK])
-            target.save_origins(reshard_history.Origins(covered, origin).pack())
+        carried = reshard_history.carry(histories, owners, base, new, route)
+        for target, part in zip(targets, carried, strict=True):
+            for at in range(0, len(part.changes), RESHARD_CHUNK):
+                target.save([], part.changes[at:at + RESHARD_CHUNK], owners=part.owners)
+            target.save_origins(reshard_history.Origins(covered, part.origins).pack())
             target.close()
-        log.info("resharding: %d changes of history carried", sum(map(len, changes)))
+        log.info("resharding: %d changes of history carried", sum(len(part.changes) for part in carried))
         _fsync_dir(tmp)
         final = os.path.join(self.path, layout)
         os.rename(tmp, final)

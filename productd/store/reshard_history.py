@@ -78,19 +78,29 @@ def old_shard(changes: list[tuple[int, str, bytes | None]], max_revision: int) -
     return OldShard(oldest, head, voids)
 
 
-def carry(histories: list[list[tuple[int, str, bytes | None]]], base: int, new: int,
-          route: Callable[[str, int], int]) -> tuple[list[list[tuple[int, str, bytes | None]]], list[list]]:
-    """Split the old shards' histories over `new` shards: per new shard, its changes numbered
-    from base + 1 and the (new seq, old shard, old seq) of each."""
-    changes: list[list] = [[] for _ in range(new)]
-    origins: list[list] = [[] for _ in range(new)]
+class Carried(NamedTuple):
+    """What one new shard gets: its changes numbered from base + 1, the (new seq, old shard, old
+    seq) of each, and the owners of what its deletes deleted, by new seq."""
+
+    changes: list[tuple[int, str, bytes | None]]
+    origins: list[tuple[int, int, int]]
+    owners: dict[int, str]
+
+
+def carry(histories: list[list[tuple[int, str, bytes | None]]], owners: list[dict[int, str]], base: int,
+          new: int, route: Callable[[str, int], int]) -> list[Carried]:
+    """Split the old shards' histories (and their deletes' owners) over `new` shards."""
+    out = [Carried([], [], {}) for _ in range(new)]
     numbers = [base] * new
     for _, old, seq, product_id, packed in heapq.merge(*(_timed(i, h) for i, h in enumerate(histories))):
         target = route(product_id, new)
         numbers[target] += 1
-        changes[target].append((numbers[target], product_id, packed))
-        origins[target].append((numbers[target], old, seq))
-    return changes, origins
+        number = numbers[target]
+        out[target].changes.append((number, product_id, packed))
+        out[target].origins.append((number, old, seq))
+        if packed is None and seq in owners[old]:
+            out[target].owners[number] = owners[old][seq]
+    return out
 
 
 def _timed(old: int, history):
