@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from productd.store.record import CORE_SIZE, UNSET, details, pack_fields, unpack_fields
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: image_results
 BUSY_TIMEOUT = 1.0  # seconds
 # The shard's checkpointer folds the WAL into the file off the shard's loop once the WAL holds
 # this much, looking every CHECKPOINT_EVERY seconds. SQLite's own checkpoint (every 1,000 pages,
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS products (
     user_id TEXT,          -- NULL for a bare product (events only), with name, description, images
     name TEXT,
     description TEXT,
-    images TEXT            -- a JSON array of URLs
+    images TEXT,           -- a JSON array of URLs
+    image_results TEXT     -- NULL or a JSON object: url -> [state, ...] (store.record), schema 3
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY,
@@ -62,7 +63,11 @@ ALTER TABLE products ADD COLUMN name TEXT;
 ALTER TABLE products ADD COLUMN description TEXT;
 ALTER TABLE products ADD COLUMN images TEXT;
 """
-_COLUMNS = "id, price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description, images"
+_UPGRADE_FROM_2 = """
+ALTER TABLE products ADD COLUMN image_results TEXT;
+"""
+_COLUMNS = ("id, price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description, images, "
+            "image_results")
 
 
 class StoreFileError(Exception):
@@ -85,8 +90,8 @@ class ShardFile:
             # FULL fsyncs the WAL at every commit (an acknowledged event survives power loss);
             # NORMAL survives a crash of the process, which is what batch mode promises.
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
-            if version == 1:
-                self._upgrade_from_1()
+            if version in (1, 2):
+                self._upgrade(_UPGRADE_FROM_1 + _UPGRADE_FROM_2 if version == 1 else _UPGRADE_FROM_2)
             self.db.executescript(_SCHEMA)
             if version == 0:
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -126,12 +131,13 @@ class ShardFile:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(shm)
 
-    def _upgrade_from_1(self) -> None:
-        """Add the catalogue's columns to a file from before them, in one transaction."""
+    def _upgrade(self, script: str) -> None:
+        """Add the columns of later schemas (the catalogue's, the image results) to an older file,
+        in one transaction."""
         db = self.db
         db.execute("BEGIN")
         try:
-            for statement in filter(str.strip, _UPGRADE_FROM_1.split(";")):
+            for statement in filter(str.strip, script.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
@@ -154,8 +160,9 @@ class ShardFile:
         """Every product as (id, packed record)."""
         try:
             for (product_id, price, stock, version, updated_at_ns, created_at_ns, revision,
-                 user_id, name, description, images) in self.db.execute(f"SELECT {_COLUMNS} FROM products"):
-                described = None if user_id is None else (user_id, name, description, tuple(json.loads(images or "[]")))
+                 user_id, name, description, images, results) in self.db.execute(f"SELECT {_COLUMNS} FROM products"):
+                described = None if user_id is None else (user_id, name, description, tuple(json.loads(images or "[]")),
+                                                          json.loads(results) if results else None)
                 yield product_id, pack_fields(price, stock, version, updated_at_ns, created_at_ns, revision, described)
         except (sqlite3.DatabaseError, ValueError) as exc:
             raise StoreFileError(f"{self.path} is corrupt: {exc}") from exc
@@ -190,7 +197,7 @@ class ShardFile:
         db = self.db
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if gone:
                 db.executemany("DELETE FROM products WHERE id = ?", gone)
             db.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", changes)
@@ -271,7 +278,7 @@ def _check_version(db: sqlite3.Connection, path: str) -> int:
     return version
 
 
-_NO_DETAILS = (None, None, None, None)
+_NO_DETAILS = (None, None, None, None, None)
 
 
 def _sql_fields(packed: bytes) -> tuple:
@@ -279,8 +286,9 @@ def _sql_fields(packed: bytes) -> tuple:
     if len(packed) == CORE_SIZE:
         described = _NO_DETAILS
     else:
-        user_id, name, description, images = details(packed)
-        described = (user_id, name, description, json.dumps(images))
+        user_id, name, description, images, *rest = details(packed)
+        results = rest[0] if rest and rest[0] else None
+        described = (user_id, name, description, json.dumps(images), None if results is None else json.dumps(results))
     return (
         None if math.isnan(price) else price,
         None if stock == UNSET else stock,
