@@ -200,7 +200,8 @@ class JobQueue:
     def enqueue_many(self, pairs) -> list[tuple[str, str, tuple]]:
         """Enqueue (url, product_id) pairs in one transaction (a shard's commit). A URL whose job
         has ended already is not waited for: its (product_id, url, result) is returned for the
-        shard to apply at once, and no job_products row is left for it."""
+        shard to apply at once, and no job_products row is left for it (a row from before, such
+        as one a worker without an inbox could not deliver, is deleted)."""
         now = self.clock()
         ended = []
         with self._write():
@@ -210,8 +211,10 @@ class JobQueue:
                     "ON CONFLICT (url) DO NOTHING", (url, QUEUED, now, now, now))
                 job = self._job_by_url(url)
                 result = self.result_of(job)
-                if result is not None:
+                if result is not None:  # applied by the shard now: a row left by an earlier ask waits no more
                     ended.append((product_id, url, result))
+                    self.db.execute("DELETE FROM job_products WHERE job_id = ? AND product_id = ?",
+                                    (job.id, product_id))
                 else:
                     self.db.execute("INSERT OR IGNORE INTO job_products (job_id, product_id) VALUES (?, ?)",
                                     (job.id, product_id))
