@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sqlite3
 
 import msgpack
 import pytest
@@ -272,9 +273,39 @@ def test_a_sync_shard_answers_a_write_only_after_its_commit(tmp_path):
     assert shard.commit()
     reopened = ShardFile(str(tmp_path / "shard-000.sqlite3"), sync=False)
     assert list(reopened.rows()) == []
-    kept = [(seq, pid, packed is None) for seq, pid, packed in reopened.changes(10)]
+    kept = [(seq, pid, packed is None) for seq, pid, packed in reopened.changes(10)[0]]
     assert kept == [(1, "p", False), (2, "p", True)]
+    assert reopened.changes(10)[1] == {2: "u"}  # whose product the delete removed
     assert reopened.max_revision() == 0  # the product is gone; its changes are kept
+    reopened.close()
+    # A shard started on the file still matches the delete to its owner (the feed's user_id filter).
+    again = RecordingShard(path=str(tmp_path / "shard-000.sqlite3"), durability="sync")
+    again.load()
+    assert [seq for seq, _, _ in again.changes.since(0, 10, "u", None, 100)[2]] == [1, 2]
+    assert again.changes.since(0, 10, "v", None, 100)[2] == []
+
+
+def test_a_schema_2_file_is_upgraded_and_keeps_its_history(tmp_path):
+    path = str(tmp_path / "shard-000.sqlite3")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE products (id TEXT PRIMARY KEY, price REAL, stock INTEGER, version INTEGER,
+            updated_at_ns INTEGER NOT NULL, created_at_ns INTEGER, revision INTEGER NOT NULL DEFAULT 0,
+            user_id TEXT, name TEXT, description TEXT, images TEXT) WITHOUT ROWID;
+        CREATE TABLE changes (seq INTEGER PRIMARY KEY, product_id TEXT NOT NULL, record BLOB);
+        PRAGMA user_version=2;
+    """)
+    db.execute("INSERT INTO changes VALUES (1, 'p', NULL)")
+    db.commit()
+    db.close()
+    f = ShardFile(path, sync=False)
+    assert f.changes(10) == ([(1, "p", None)], {})
+    f.save([], [(2, "q", None)], owners={2: "u"})
+    f.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4  # on to the image results' schema too
+    db.close()
+    assert ShardFile(path, sync=False).changes(10) == ([(1, "p", None), (2, "q", None)], {2: "u"})
 
 
 def test_details_survive_the_shard_file(tmp_path):

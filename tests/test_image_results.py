@@ -8,6 +8,7 @@ import os
 import sqlite3
 
 import msgpack
+import pytest
 from frames import RecordingShard
 
 from productd.actors import protocol, status
@@ -73,15 +74,17 @@ def test_a_replaced_image_list_keeps_only_the_results_of_urls_it_still_shows():
     assert record.unpack(new).image_results == {A: DONE_RESULT, B: ("failed", "timeout")}
 
 
-def test_the_shard_file_keeps_results_and_a_schema_2_file_still_loads(tmp_path):
+@pytest.mark.parametrize("schema", [2, 3])
+def test_the_shard_file_keeps_results_and_a_file_from_before_them_still_loads(tmp_path, schema):
     path = str(tmp_path / "shard-0.sqlite3")
     db = sqlite3.connect(path)
-    db.executescript("""
+    owner = ", owner TEXT" if schema == 3 else ""
+    db.executescript(f"""
         CREATE TABLE products (id TEXT PRIMARY KEY, price REAL, stock INTEGER, version INTEGER,
             updated_at_ns INTEGER NOT NULL, created_at_ns INTEGER, revision INTEGER NOT NULL DEFAULT 0,
             user_id TEXT, name TEXT, description TEXT, images TEXT) WITHOUT ROWID;
-        CREATE TABLE changes (seq INTEGER PRIMARY KEY, product_id TEXT NOT NULL, record BLOB);
-        PRAGMA user_version = 2;
+        CREATE TABLE changes (seq INTEGER PRIMARY KEY, product_id TEXT NOT NULL, record BLOB{owner});
+        PRAGMA user_version = {schema};
     """)
     db.execute("INSERT INTO products VALUES ('old', 1.0, 1, NULL, 5, 5, 3, 'u', 'n', NULL, ?)", (f'["{A}"]',))
     db.commit()
@@ -94,7 +97,7 @@ def test_the_shard_file_keeps_results_and_a_schema_2_file_still_loads(tmp_path):
     f.close()
     rows = dict(ShardFile(path, sync=False).rows())
     assert rows["new"] == done and record.unpack(rows["new"]).image_results == {A: DONE_RESULT}
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def _write(op, pid, fields) -> bytes:

@@ -200,15 +200,16 @@ class List(NamedTuple):
 
 @message
 class Changes(NamedTuple):
-    """The change feed: the changes after seq `after` (None: none, just the heads), at most
+    """The change feed: the changes after seq `after` (None: none, just the heads; a list: the
+    positions of a cursor from before a reshard, which the shard translates), at most
     `limit`, of products owned by `user_id` and/or among `ids` (None: any). The answer is
     [status, head, oldest kept, scanned to, [[seq, product id, packed record or None], ...]]
-    (productd.store.changes: status OK, EXPIRED or LOST). When there are none yet the shard
+    (productd.store.changes: status OK, EXPIRED or LOST; reshard_history: FOREIGN). When there are none yet the shard
     parks the request and answers as soon as one is applied, or empty after `wait` seconds."""
 
     reply_to: bytes
     request_id: int
-    after: int | None
+    after: int | list[int] | None
     user_id: str | None
     ids: tuple[str, ...] | None
     limit: int

@@ -25,6 +25,7 @@ from productd.store import catalogue, listing, recovery
 from productd.store.changes import OK, ChangeLog
 from productd.store.memory import ShardStore
 from productd.store.record import details, pending_images, revision, with_image_result
+from productd.store.reshard_history import FOREIGN, Origins
 from productd.store.sqlite import ShardFile
 
 log = logging.getLogger("productd.shard")
@@ -120,6 +121,7 @@ class Shard:
         # Image URLs a write added, by product, to enqueue once the write is committed (with
         # durability none: once applied): a job must never name a change a crash could undo.
         self.to_enqueue: dict[str, list[str]] = {}
+        self.origins: Origins | None = None  # the history a reshard carried here, for old cursors
 
     def load(self) -> None:
         if self.file is None:
@@ -134,7 +136,10 @@ class Shard:
                 log.info("shard %d loading: %d products so far", sid, count)
         log.info("shard %d loaded %d products from %s in %.2fs",
                  sid, len(store), self.file.path, time.monotonic() - started)
-        self.changes.load(self.file.changes(self.changes.keep), self.file.max_revision())
+        rows, owners = self.file.changes(self.changes.keep)
+        self.changes.load(rows, self.file.max_revision(), owners)
+        origins = self.file.origins()
+        self.origins = Origins.unpack(origins) if origins else None
         self._apply_recovery()
         self.file.start_checkpointer()
         try:
@@ -349,7 +354,7 @@ class Shard:
             changes = self.changes
             try:
                 self.file.save([(product_id, records(product_id)) for product_id in self.dirty],
-                               changes.unsaved, changes.oldest())
+                               changes.unsaved, changes.oldest(), changes.owners)
             except Exception as exc:  # disk full, I/O error, ...: keep the changes and retry
                 self.next_commit = time.monotonic() + RETRY_COMMIT
                 self.last_commit_error = str(exc)
@@ -666,6 +671,11 @@ class Shard:
         if after is None:
             self.reply(reply_to, request_id, [OK, changes.head, changes.oldest(), changes.head, []])
             return False
+        if isinstance(after, (list, tuple)):  # a cursor from before a reshard (productd.store.reshard_history)
+            status_, after = self.origins.translate(after) if self.origins else (FOREIGN, 0)
+            if status_ != OK:
+                self.reply(reply_to, request_id, [status_, changes.head, changes.oldest(), 0, []])
+                return False
         wanted = None if ids is None else frozenset(ids)
         limit = max(1, min(int(limit), FEED_LIMIT))
         status_, scanned_to, found = changes.since(after, limit, user_id, wanted, FEED_SCAN)

@@ -27,6 +27,7 @@ from productd.http import feed_cursor, validation
 from productd.http.problems import Problem
 from productd.http.render import product_json
 from productd.store.changes import EXPIRED, OK
+from productd.store.reshard_history import FOREIGN
 
 HEARTBEAT = 15.0  # seconds between comments on an idle stream (proxies close silent ones)
 PARK = 15.0  # seconds a shard keeps an empty request parked before answering it empty
@@ -85,31 +86,42 @@ class ChangeFeed:
         heads: list[int] | None = None
         if cursor:
             try:
-                heads = feed_cursor.decode(cursor, shards)
+                heads = feed_cursor.decode(cursor)
             except feed_cursor.BadCursor as exc:
                 raise Problem(400, "Bad cursor", f"{exc}; {RESYNC}", kind="bad-cursor") from None
-        # Without a cursor every shard is asked for its head (the cursor names them all); with
-        # one, only the shards the filter needs, for the changes after it.
-        initial = asked if heads is not None else list(range(shards))
+        # A cursor of another shard count is from before a reshard: every shard translates it
+        # (productd.store.reshard_history) and answers where it starts for it. Without a cursor
+        # every shard is asked for its head; with one, only the shards the filter needs.
+        old = heads is not None and len(heads) != shards
+        initial = asked if heads is not None and not old else list(range(shards))
         first = await _shard_errors(asyncio.gather(*(
-            self._ask(s, None if heads is None else heads[s], user_id, per_shard[s], 0.0) for s in initial
+            self._ask(s, None if heads is None else heads if old else heads[s], user_id, per_shard[s], 0.0)
+            for s in initial
         )))
         for s, answer in zip(initial, first, strict=True):
             status = answer[0]
+            if status == FOREIGN:
+                raise Problem(400, "Bad cursor", f"the cursor is for {len(heads)} shards and the service has "
+                              f"{shards}, not resharded from {len(heads)}; {RESYNC}", kind="bad-cursor")
             if status != OK:
-                why = (f"shard {s} keeps changes after {answer[2]} only; the cursor is at {heads[s]}"
-                       if status == EXPIRED else
-                       f"shard {s} restarted without the changes the cursor has seen (at {heads[s]}, head {answer[1]})")
+                at = "the cursor's position" if old else f"the cursor is at {heads[s]}"
+                why = (f"shard {s} keeps changes after {answer[2]} only; {at}" if status == EXPIRED else
+                       f"shard {s} restarted without the changes the cursor has seen ({at}, head {answer[1]})")
                 raise Problem(410, "Cursor too old", f"{why}: {RESYNC}", kind="cursor-expired",
                               resync="/products")
-        positions = list(heads) if heads is not None else [0] * shards
+        answers = dict(zip(initial, first, strict=True))
         if heads is None:
-            for s, answer in zip(initial, first, strict=True):
-                positions[s] = answer[1]
+            positions = [answers[s][1] for s in range(shards)]
+        elif old:
+            # Where each shard starts for it: before its first change for this stream, or where it
+            # looked up to when nothing there is wanted.
+            positions = [answers[s][4][0][0] - 1 if answers[s][4] else answers[s][3] for s in range(shards)]
+        else:
+            positions = list(heads)
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("X-Accel-Buffering", "no")
-        resp.sse = self._stream(positions, asked, dict(zip(asked, first, strict=True)) if heads is not None else {},
-                                user_id, per_shard)
+        first_answers = {s: answers[s] for s in asked} if heads is not None else {}
+        resp.sse = self._stream(positions, asked, first_answers, user_id, per_shard)
 
     async def _ask(self, shard: int, after: int | None, user_id, ids, wait: float):
         client = self.client

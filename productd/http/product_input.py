@@ -14,7 +14,14 @@ import unicodedata
 from urllib.parse import urlsplit
 
 from productd.http.problems import Problem
-from productd.http.validation import PRODUCT_ID_RULE, _escape, _int64, _json_type, _price, valid_product_id
+from productd.http.validation import (
+    PRODUCT_ID_RULE,
+    check_int64,
+    check_price,
+    escape_pointer,
+    json_type,
+    valid_product_id,
+)
 
 MAX_NAME = 200
 MAX_DESCRIPTION = 5000
@@ -31,11 +38,11 @@ def product_fields(doc: object, mode: str, path_id: str | None = None) -> dict:
     """The fields of a create, a PUT (every replaced field, None where left out) or a merge patch
     (only the fields given, None clearing one); raises a 422 Problem naming every bad field."""
     if type(doc) is not dict:
-        raise Problem(422, "Invalid product", f"the body must be a JSON object, not {_json_type(doc)}",
+        raise Problem(422, "Invalid product", f"the body must be a JSON object, not {json_type(doc)}",
                       kind="invalid-product", errors=[{"pointer": "", "detail": "must be an object"}])
     errors: list[dict] = []
     for name in sorted(doc.keys() - FIELDS):
-        errors.append({"pointer": f"/{_escape(name)}", "detail": "unknown field"})
+        errors.append({"pointer": f"/{escape_pointer(name)}", "detail": "unknown field"})
     fields: dict = {}
     if "product_id" in doc:
         product_id = doc["product_id"]
@@ -78,7 +85,7 @@ def _id(value: object, pointer: str, errors: list[dict]) -> str | None:
 def _text(limit: int, low: int, allowed: str):
     def check(value: object, pointer: str, errors: list[dict]) -> str | None:
         if type(value) is not str:
-            errors.append({"pointer": pointer, "detail": f"must be a string, not {_json_type(value)}"})
+            errors.append({"pointer": pointer, "detail": f"must be a string, not {json_type(value)}"})
         elif not low <= len(value) <= limit:
             errors.append({"pointer": pointer, "detail": f"must be {low} to {limit} characters, not {len(value)}"})
         elif any(unicodedata.category(c) in ("Cc", "Cs") and c not in allowed for c in value):
@@ -90,7 +97,7 @@ def _text(limit: int, low: int, allowed: str):
 
 def _images(value: object, pointer: str, errors: list[dict]) -> tuple | None:
     if type(value) is not list:
-        errors.append({"pointer": pointer, "detail": f"must be an array of URLs, not {_json_type(value)}"})
+        errors.append({"pointer": pointer, "detail": f"must be an array of URLs, not {json_type(value)}"})
         return None
     if len(value) > MAX_IMAGES:
         errors.append({"pointer": pointer, "detail": f"holds {len(value)} URLs; at most {MAX_IMAGES}"})
@@ -109,7 +116,7 @@ def _images(value: object, pointer: str, errors: list[dict]) -> tuple | None:
 def url_problem(url: object) -> str | None:
     """Why `url` is not an absolute http(s) URL we take, or None."""
     if type(url) is not str:
-        return f"must be a URL string, not {_json_type(url)}"
+        return f"must be a URL string, not {json_type(url)}"
     if len(url) > MAX_URL:
         return f"is {len(url)} characters; at most {MAX_URL}"
     if not _URI.fullmatch(url) or url.count("#") > 1:
@@ -132,9 +139,9 @@ _CHECKS = {
     "name": _text(MAX_NAME, 1, ""),
     "description": _text(MAX_DESCRIPTION, 0, "\n\t\r"),
     "images": _images,
-    "price": _price,
-    "stock": _int64,
-    "version": _int64,
+    "price": check_price,
+    "stock": check_int64,
+    "version": check_int64,
 }
 
 # The characters of a URI (RFC 3986, section 2): unreserved, reserved, and percent-encoded octets.

@@ -121,7 +121,7 @@ def validate_event(item: object, pointer: str, errors: list[dict]) -> Event | No
         errors.append({"pointer": pointer, "detail": "must be an event object"})
         return None
     for name in item.keys() - FIELDS:
-        errors.append({"pointer": f"{pointer}/{_escape(name)}", "detail": "unknown field"})
+        errors.append({"pointer": f"{pointer}/{escape_pointer(name)}", "detail": "unknown field"})
     product_id = item.get("product_id")
     if "product_id" not in item:
         errors.append({"pointer": f"{pointer}/product_id", "detail": "is required"})
@@ -129,19 +129,19 @@ def validate_event(item: object, pointer: str, errors: list[dict]) -> Event | No
         errors.append({"pointer": f"{pointer}/product_id", "detail": f"must be a string of {PRODUCT_ID_RULE}"})
     price = item.get("price")
     if price is not None or "price" in item:
-        price = _price(price, f"{pointer}/price", errors)
+        price = check_price(price, f"{pointer}/price", errors)
     stock = item.get("stock")
     if stock is not None or "stock" in item:
-        stock = _int64(stock, f"{pointer}/stock", errors)
+        stock = check_int64(stock, f"{pointer}/stock", errors)
     version = item.get("version")
     if version is not None:
-        version = _int64(version, f"{pointer}/version", errors)
+        version = check_int64(version, f"{pointer}/version", errors)
     if "price" not in item and "stock" not in item:
         errors.append({"pointer": pointer, "detail": "needs price, stock or both"})
     return (product_id, price, stock, version)
 
 
-def _price(value: object, pointer: str, errors: list[dict]) -> float | None:
+def check_price(value: object, pointer: str, errors: list[dict]) -> float | None:
     kind = type(value)
     if kind is int:
         if value < 0:
@@ -160,17 +160,17 @@ def _price(value: object, pointer: str, errors: list[dict]) -> float | None:
         else:
             return value + 0.0  # -0.0 becomes 0.0
         return None
-    errors.append({"pointer": pointer, "detail": f"must be a number, not {_json_type(value)}"})
+    errors.append({"pointer": pointer, "detail": f"must be a number, not {json_type(value)}"})
     return None
 
 
-def _int64(value: object, pointer: str, errors: list[dict]) -> int | None:
+def check_int64(value: object, pointer: str, errors: list[dict]) -> int | None:
     # JSON has one number type and JSON Schema calls 5.0 an integer; generated clients send it.
     # A float is exact only up to 2**53, so larger ones are refused rather than rounded.
     if type(value) is float and value.is_integer() and abs(value) <= 2**53:
         value = int(value)
     if type(value) is not int:
-        errors.append({"pointer": pointer, "detail": f"must be an integer, not {_json_type(value)}"})
+        errors.append({"pointer": pointer, "detail": f"must be an integer, not {json_type(value)}"})
         return None
     if not 0 <= value <= INT64_MAX:
         errors.append({"pointer": pointer, "detail": f"must be between 0 and {INT64_MAX}"})
@@ -178,7 +178,7 @@ def _int64(value: object, pointer: str, errors: list[dict]) -> int | None:
     return value
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -194,6 +194,6 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-def _escape(name: str) -> str:
+def escape_pointer(name: str) -> str:
     """RFC 6901 escaping of one pointer segment."""
     return name.replace("~", "~0").replace("/", "~1")

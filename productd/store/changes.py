@@ -34,11 +34,13 @@ class ChangeLog:
         self.entries.append(entry)
         self.unsaved.append(entry)
 
-    def load(self, rows, max_revision: int) -> None:
-        """Start from what the shard file holds: its last changes (oldest first) and the highest
-        revision of any product (a reshard brings revisions from other shards)."""
+    def load(self, rows, max_revision: int, owners: dict[int, str] | None = None) -> None:
+        """Start from what the shard file holds: its last changes (oldest first), the owners of
+        what its deletes deleted, and the highest revision of any product (a reshard brings
+        revisions from other shards)."""
         for entry in rows:
             self.entries.append(entry)
+        self.owners.update(owners or {})
         last = self.entries[-1][0] if self.entries else 0
         self.head = max(last, max_revision)
 

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Callable
 
-from productd.store import recovery
+from productd.store import recovery, reshard_history
 from productd.store.sqlite import ShardFile, StoreFileError
 
 FORMAT = 1
@@ -144,11 +144,19 @@ class DataDir:
         log.info("resharding %s from %d to %d shards", self.path, old, new)
         targets = [ShardFile(os.path.join(tmp, f"shard-{s:03d}.sqlite3"), sync=True) for s in range(new)]
         moved = 0
+        histories, owners, covered = [], [], []
         for shard in range(old):
             path = self.shard_path(old_layout, shard)
             if not os.path.exists(path):
+                histories.append([])
+                owners.append({})
+                covered.append(reshard_history.old_shard([], 0))
                 continue
             source = ShardFile(path, sync=False)
+            history, owned = source.changes(1 << 62)
+            histories.append(history)
+            owners.append(owned)
+            covered.append(reshard_history.old_shard(history, source.max_revision()))
             buckets: list[list] = [[] for _ in range(new)]
             for product_id, packed in source.rows():
                 buckets[route(product_id, new)].append((product_id, packed))
@@ -158,8 +166,14 @@ class DataDir:
                     log.info("resharding: %d products moved", moved)
             _flush(targets, buckets)
             source.close()
-        for target in targets:
+        base = max((o.head for o in covered), default=0)
+        carried = reshard_history.carry(histories, owners, base, new, route)
+        for target, part in zip(targets, carried, strict=True):
+            for at in range(0, len(part.changes), RESHARD_CHUNK):
+                target.save([], part.changes[at:at + RESHARD_CHUNK], owners=part.owners)
+            target.save_origins(reshard_history.Origins(covered, part.origins, part.end).pack())
             target.close()
+        log.info("resharding: %d changes of history carried", sum(len(part.origins) for part in carried))
         _fsync_dir(tmp)
         final = os.path.join(self.path, layout)
         os.rename(tmp, final)
