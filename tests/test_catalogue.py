@@ -1034,7 +1034,9 @@ def test_catalogue_survives_restart(start_service, tmp_path, durability):
         owner = svc.shard_pids()
         for pid in owner:
             os.kill(pid, signal.SIGKILL)
-        svc.wait_for(lambda: svc.readyz().status_code == 200 and set(svc.shard_pids()).isdisjoint(owner),
+        # The new pids first, then /readyz: a /readyz read before the supervisor saw the kills
+        # still shows the dead shards ready (the restarted ones load, and scan for pending images).
+        svc.wait_for(lambda: set(svc.shard_pids()).isdisjoint(owner) and svc.readyz().status_code == 200,
                      "the shards restarted")
         assert current(svc, kept) == after_write
         assert_problem(get(svc, gone), 404)
