@@ -31,6 +31,7 @@ from productd.actors.shard import EXIT_LOST, EXIT_SAVED, Shard
 from productd.actors.status import StatusBoard
 from productd.actors.systemd import notify_systemd
 from productd.config import DEFAULT_SHARDS
+from productd.images.settings import from_settings as _image_settings
 from productd.store import recovery
 from productd.store.datadir import DataDir, DataDirError
 from productd.store.sqlite import ShardFile, StoreFileError
@@ -210,7 +211,7 @@ class Supervisor:
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
             bell_fd=inbox.bell_read_fd, apply_delay=0.0 if s.durability == "sync" else s.apply_delay,
             stop_timeout=s.graceful_timeout, recovery_reserve=max(RECOVERY_RESERVE_MIN, 2 * inbox.capacity),
-            change_history=s.change_history,
+            change_history=s.change_history, images=_images(s),
         ).run()
 
     def _start_frontend(self) -> None:
@@ -452,3 +453,7 @@ def _describe_exit(wstatus: int) -> str:
     return f"exited with code {os.WEXITSTATUS(wstatus)}"
 
 
+def _images(s):
+    """The shards' image settings. imgshard branch only: durability none has no data dir here
+    (the edge branch's supervisor makes a temporary one and replaces this)."""
+    return None if s.durability == "none" else _image_settings(s)
