@@ -1,23 +1,19 @@
 """The image pipeline through the live service: a real `productd serve`, HTTP on 127.0.0.1 and
 a local image server this test starts (tests/test_images.py's ImageServer).
 
-The first test needs nothing but the shard side: a worker run beside the service as
-`python -m productd.images.worker` (which has no inbox to send to) ends the jobs, and the
-service's restart then shows them, through the shards' load-time scan. The others need the
-supervisor's pool (`--image-workers`, `--image-allow-private`) and are skipped where this
-checkout's `productd serve` has no such options."""
+The first test runs the service without a pool (`--image-workers 0`) and a worker beside it as
+`python -m productd.images.worker` (which has no inbox to send to): it ends the jobs, and the
+service's restart then shows them, through the shards' load-time scan. The others use the
+supervisor's pool."""
 
 from __future__ import annotations
 
-import functools
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from service import TIMEOUT, checkout_env, uid
+from service import TIMEOUT, uid
 from test_images import ImageServer, _settings, _worker_process
 
 from productd.images.jobs import DEAD, DONE, JobQueue
@@ -65,7 +61,7 @@ def _object_path(data_dir: Path, rendition_url: str) -> Path:
 def test_jobs_ended_while_undelivered_show_after_a_restart_and_a_replaced_list_never_shows(
         start_service, images, tmp_path):
     data = tmp_path / "data"
-    durable = {"shards": 2, "workers": 1, "extra_args": ["--data-dir", str(data)],
+    durable = {"shards": 2, "workers": 1, "extra_args": ["--data-dir", str(data), "--image-workers", "0"],
                "env": {"PRODUCTD_DURABILITY": "batch"}}
     svc = start_service(**durable)
     photo, missing, old = images.url("/img/photo.jpg"), images.url("/status/404"), images.url("/img/photo-as-text")
@@ -118,16 +114,6 @@ def test_jobs_ended_while_undelivered_show_after_a_restart_and_a_replaced_list_n
     assert [(job.url, product) for job, product in queue.undelivered()] == [(old, p2)]
 
 
-@functools.cache
-def _has_pool() -> bool:
-    out = subprocess.run([sys.executable, "-m", "productd", "serve", "--help"], capture_output=True, text=True,
-                         env=checkout_env(), timeout=60)
-    return "--image-workers" in out.stdout + out.stderr
-
-
-needs_pool = pytest.mark.skipif("not _has_pool()", reason="this checkout's serve has no --image-workers (the pool)")
-
-
 def _pool(start_service, tmp_path, **extra):
     return start_service(shards=2, workers=1, extra_args=[
         "--data-dir", str(tmp_path / "data"), "--image-workers", "1", "--image-allow-private",
@@ -135,7 +121,6 @@ def _pool(start_service, tmp_path, **extra):
         env={"PRODUCTD_DURABILITY": "batch"}, **extra)
 
 
-@needs_pool
 def test_with_the_pool_every_image_ends_done_or_failed_and_transient_failures_are_retried(
         start_service, images, tmp_path):
     svc = _pool(start_service, tmp_path)
@@ -148,7 +133,6 @@ def test_with_the_pool_every_image_ends_done_or_failed_and_transient_failures_ar
     assert images.hits["/flaky/2/photo.jpg"] == 3  # two 500s, then the image
 
 
-@needs_pool
 def test_with_the_pool_a_list_replaced_while_its_job_runs_never_shows_the_old_result(
         start_service, images, tmp_path):
     svc = _pool(start_service, tmp_path)
