@@ -48,6 +48,7 @@ MIGRATIONS: tuple[str, ...] = (
         name text,
         description text,
         images jsonb,             -- a JSON array of URLs
+        deleted boolean NOT NULL DEFAULT false, -- a tombstone: its revision still guards (see PgStore.save)
         PRIMARY KEY (shard, product_id)
     );
     CREATE TABLE shard_owners (
@@ -62,7 +63,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK = 0x70726F64  # "prod": one migration at a time per database (pg_advisory_xact_lock)
-_COLUMNS = "product_id, price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description, images"
+_COLUMNS = ("product_id, price, stock, version, updated_at_ns, created_at_ns, revision, "
+            "user_id, name, description, images")
 
 
 class DatabaseError(Exception):
@@ -108,7 +110,7 @@ def _too_new(version: int) -> SchemaTooNew:
 def _check_layout(conn: psycopg.Connection, shards: int, name: str) -> None:
     row = conn.execute("SELECT name, shards FROM cluster").fetchone()
     if row is None:
-        raise DatabaseError("the database has productd's tables but no cluster row; it was not made by productd migrate")
+        raise DatabaseError("the database has productd's tables but no cluster row: not made by productd migrate")
     if tuple(row) != (name, shards):
         raise LayoutMismatch(
             f"the database holds productd cluster {row[0]!r} with {row[1]} shards, not {name!r} with {shards}: "
@@ -151,11 +153,15 @@ def check(conn: psycopg.Connection, shards: int, name: str = "default") -> None:
     _check_layout(conn, shards, name)
 
 
+_NO_DETAILS = (None, None, None, None)
+_TOMBSTONE = (None, None, None, 0, 0)  # price, stock, version, updated_at_ns, created_at_ns of a deleted product
+
+
 def _sql_fields(packed: bytes) -> tuple:
     """A packed record as SQL values, the inverse of what `load` packs (as sqlite.py's _sql_fields)."""
     price, stock, version, updated_at_ns, created_at_ns, revision = unpack_fields(packed)
     if len(packed) == CORE_SIZE:
-        described = (None, None, None, None)
+        described = _NO_DETAILS
     else:
         user_id, name, description, images = details(packed)
         described = (user_id, name, description, json.dumps(list(images)))
@@ -217,16 +223,24 @@ class PgStore:
         over from owner to owner (`head`): a higher revision is a later state. With fencing, the
         guard only matters when one owner's batches arrive out of order or twice (a retry
         after a commit whose answer was lost): then the older one changes nothing.
+
+        A delete leaves a tombstone (`deleted`, revision `seq`) rather than no row: without it,
+        an older upsert arriving after the delete would bring the product back (the brute-force
+        test found that). `seq` is at least the delete's own revision and below every later
+        change's, so the tombstone loses to later changes and beats earlier ones. `load` skips
+        tombstones; an owner may purge them once no older batch can arrive (not built yet).
         Returns how many records the batch held after deduplication.
         """
         latest: dict[str, bytes | None] = {}
         for product_id, packed in records:
             latest.pop(product_id, None)  # last wins, and goes to the end
             latest[product_id] = packed
-        upserts = [(product_id, *_sql_fields(packed)) for product_id, packed in latest.items() if packed is not None]
-        deletes = [product_id for product_id, packed in latest.items() if packed is None]
+        rows = [(product_id, *_sql_fields(packed), False)
+                for product_id, packed in latest.items() if packed is not None]
         if seq is None:
-            seq = max((row[6] for row in upserts), default=0)
+            seq = max((row[6] for row in rows), default=0)
+        rows += [(product_id, *_TOMBSTONE, seq, *_NO_DETAILS, True)
+                 for product_id, packed in latest.items() if packed is None]
         conn = self.conn
         with conn.transaction():
             fenced = conn.execute(
@@ -235,13 +249,8 @@ class PgStore:
             ).rowcount == 0
             if fenced:
                 raise Fenced(shard, epoch)  # leaving the block rolls back: nothing written
-            if upserts:
-                self._upsert(shard, upserts)
-            if deletes:
-                conn.execute(
-                    "DELETE FROM products WHERE shard = %s AND product_id = ANY(%s) AND revision <= %s",
-                    (shard, deletes, seq),
-                )
+            if rows:
+                self._upsert(shard, rows)
         return len(latest)
 
     def _upsert(self, shard: int, rows: list[tuple]) -> None:
@@ -251,19 +260,20 @@ class PgStore:
         conn.execute(
             "CREATE TEMPORARY TABLE IF NOT EXISTS productd_incoming ("
             "product_id text, price double precision, stock bigint, version bigint, updated_at_ns bigint, "
-            "created_at_ns bigint, revision bigint, user_id text, name text, description text, images jsonb"
+            "created_at_ns bigint, revision bigint, user_id text, name text, description text, images jsonb, "
+            "deleted boolean"
             ") ON COMMIT DELETE ROWS"
         )
-        with conn.cursor().copy(f"COPY productd_incoming ({_COLUMNS}) FROM STDIN") as copy:
+        with conn.cursor().copy(f"COPY productd_incoming ({_COLUMNS}, deleted) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         conn.execute(
-            f"INSERT INTO products (shard, {_COLUMNS}) SELECT %s, {_COLUMNS} FROM productd_incoming "
+            f"INSERT INTO products (shard, {_COLUMNS}, deleted) SELECT %s, {_COLUMNS}, deleted FROM productd_incoming "
             "ON CONFLICT (shard, product_id) DO UPDATE SET "
             "price = excluded.price, stock = excluded.stock, version = excluded.version, "
             "updated_at_ns = excluded.updated_at_ns, created_at_ns = excluded.created_at_ns, "
             "revision = excluded.revision, user_id = excluded.user_id, name = excluded.name, "
-            "description = excluded.description, images = excluded.images "
+            "description = excluded.description, images = excluded.images, deleted = excluded.deleted "
             "WHERE excluded.revision > products.revision",
             (shard,),
         )
@@ -273,7 +283,7 @@ class PgStore:
         A server-side cursor: a shard of a million products is never in memory twice."""
         with self.conn.transaction(), self.conn.cursor(name=f"productd_load_{shard}") as cursor:
             cursor.itersize = batch
-            cursor.execute(f"SELECT {_COLUMNS} FROM products WHERE shard = %s", (shard,))
+            cursor.execute(f"SELECT {_COLUMNS} FROM products WHERE shard = %s AND NOT deleted", (shard,))
             for (product_id, price, stock, version, updated_at_ns, created_at_ns, revision,
                  user_id, name, description, images) in cursor:
                 described = None if user_id is None else (user_id, name, description, tuple(images or ()))
