@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--database", default=os.environ.get("PRODUCTD_DATABASE"),
                         help="postgresql://... URL [env PRODUCTD_DATABASE]")
-    parser.add_argument("--shards", type=int, default=int(os.environ.get("PRODUCTD_SHARDS") or 0) or None,
+    parser.add_argument("--shards", type=int, default=os.environ.get("PRODUCTD_SHARDS") or None,
                         help="the cluster's shard count, fixed at creation (about 10 per planned owner host) "
                         "[env PRODUCTD_SHARDS]")
     parser.add_argument("--cluster", default=os.environ.get("PRODUCTD_CLUSTER", "default"),
