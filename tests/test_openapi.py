@@ -42,6 +42,12 @@ def ndjson(ctx, value):
 '''
 
 CONFIG = """
+[checks.use_after_free]
+# An event for an unknown id creates a bare product (docs/api.md), deleted ids included: a POST
+# /events of the same run between a DELETE and the GET that follows brings the product back.
+# tests/test_catalogue.py checks that a delete is a 404 afterwards, with no events in between.
+enabled = false
+
 [checks.negative_data_rejection]
 # invalid input may also be refused as too large (413) or as an unsupported media type (415)
 expected-statuses = ["400", "401", "404", "405", "413", "415", "422"]

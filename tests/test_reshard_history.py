@@ -48,7 +48,9 @@ def test_an_old_cursor_gets_every_change_it_had_not_seen_in_per_product_order(dr
     covered = [old_shard(h, 0) for h in hist]
     base = max(o.head for o in covered)
     carried = carry(hist, [{seq: "o" for seq, _, packed in h if packed is None} for h in hist], base, new, shard_for)
-    changes, origins = [c.changes for c in carried], [c.origins for c in carried]
+    # Each new shard's carried changes end with a marker (an empty void) that says where they end.
+    assert all(c.changes[-1] == (c.end, VOID, int_to_bytes(c.end)) for c in carried)
+    changes, origins = [c.changes[:-1] for c in carried], [c.origins for c in carried]
     # The deletes keep their owner under their new numbers.
     assert all(c.owners == {seq: "o" for seq, _, packed in c.changes if packed is None} for c in carried)
     # Every change went to its product's new owner, numbered after base, in per-product order.
@@ -61,10 +63,9 @@ def test_an_old_cursor_gets_every_change_it_had_not_seen_in_per_product_order(dr
     unseen = {(s, seq) for s, h in enumerate(hist) for seq, _, _ in h if seq > heads[s]}
     delivered: list[tuple[int, int]] = []
     for target in range(new):
-        start = base + len(changes[target]) + 10  # the new life's first number
-        packed = Origins(covered, origins[target]).pack()
-        status, after = Origins.unpack(packed).translate(heads, start)
-        assert status == OK
+        packed = Origins(covered, origins[target], carried[target].end).pack()
+        status, after = Origins.unpack(packed).translate(heads)
+        assert status == OK and after <= carried[target].end
         delivered += [(s, seq) for new_seq, s, seq in origins[target] if new_seq > after]
     assert unseen <= set(delivered), unseen - set(delivered)
     assert len(delivered) == len(set(delivered))
@@ -80,13 +81,13 @@ def test_an_old_cursor_gets_every_change_it_had_not_seen_in_per_product_order(dr
 def test_translate_refuses_foreign_expired_and_lost_cursors():
     hist = [[(5, "a", rec(1, 5)), (6, "", int_to_bytes(6)), (1 << 32, VOID, int_to_bytes(6))], []]
     covered = [old_shard(h, 0) for h in hist]
-    origins = Origins(covered, [])
-    assert origins.translate([5, 0, 0], 100) == (FOREIGN, 0)  # three old shards? it had two
-    assert origins.translate([3, 0], 100) == (EXPIRED, 0)  # before what was kept
-    assert origins.translate([(1 << 32) + 1, 0], 100) == (LOST, 0)  # after the old head
-    assert origins.translate([6, 0], 100) == (OK, 100)  # saw everything: the new life
+    origins = Origins(covered, [], 100)
+    assert origins.translate([5, 0, 0]) == (FOREIGN, 0)  # three old shards? it had two
+    assert origins.translate([3, 0]) == (EXPIRED, 0)  # before what was kept
+    assert origins.translate([(1 << 32) + 1, 0]) == (LOST, 0)  # after the old head
+    assert origins.translate([6, 0]) == (OK, 100)  # saw everything: after what was carried
     assert covered[0].voids == [(6, 6), (6, 1 << 32)]
-    assert origins.translate([7, 0], 100) == (LOST, 0)  # inside a void: its changes are gone
+    assert origins.translate([7, 0]) == (LOST, 0)  # inside a void: its changes are gone
 
 
 # ---------------------------------------------------------------- the live service
@@ -138,6 +139,18 @@ def test_a_feed_cursor_from_before_a_reshard_resumes_on_the_new_shards(start_ser
     event = resumed.next()
     assert (event["data"]["product_id"], event["data"]["price"]) == (products[0], 99.0), event
     resumed.close()
+    # After one more restart the old cursor still resumes, and sees what came after the reshard too.
+    assert svc.stop() == 0, svc.log_tail()
+    svc = start(start_service, data, 3)
+    again = Feed(svc, f"ids={','.join(products)}", last_event_id=cursor)
+    assert again.status == 200, again.body()
+    later = []
+    while (products[0], 99.0) not in later:
+        event = again.next()
+        assert event is not None and event["event"] == "change", event
+        later.append((event["data"]["product_id"], event["data"]["price"]))
+    assert {(p, 5.0) for p in products} <= set(later)
+    again.close()
     # A cursor of a count this service was not resharded from names the problem.
     body = assert_problem(requests.get(svc.url + "/changes", params={"since": "c1-5-0-0-0-0-0"},
                                        timeout=TIMEOUT), 400)

@@ -115,7 +115,6 @@ class Shard:
         self.outbox: collections.deque = collections.deque()  # (deadline, address, datagrams left)
         self.handlers = HANDLERS  # STOPPING_HANDLERS once a STOP was read
         self.origins: Origins | None = None  # the history a reshard carried here, for old cursors
-        self.life_start = 0  # the change number this life began at (its void marker)
 
     def load(self) -> None:
         if self.file is None:
@@ -570,7 +569,6 @@ class Shard:
             changes.forget()
             changes.head = max(changes.head, newest)
         marker = changes.void(0 if fresh else VOID_GAP)
-        self.life_start = marker[0]
         self.file.save([], [marker], changes.oldest())
         changes.saved()
 
@@ -582,7 +580,7 @@ class Shard:
             self.reply(reply_to, request_id, [OK, changes.head, changes.oldest(), changes.head, []])
             return False
         if isinstance(after, (list, tuple)):  # a cursor from before a reshard (productd.store.reshard_history)
-            status_, after = self.origins.translate(after, self.life_start) if self.origins else (FOREIGN, 0)
+            status_, after = self.origins.translate(after) if self.origins else (FOREIGN, 0)
             if status_ != OK:
                 self.reply(reply_to, request_id, [status_, changes.head, changes.oldest(), 0, []])
                 return False

@@ -171,9 +171,9 @@ class DataDir:
         for target, part in zip(targets, carried, strict=True):
             for at in range(0, len(part.changes), RESHARD_CHUNK):
                 target.save([], part.changes[at:at + RESHARD_CHUNK], owners=part.owners)
-            target.save_origins(reshard_history.Origins(covered, part.origins).pack())
+            target.save_origins(reshard_history.Origins(covered, part.origins, part.end).pack())
             target.close()
-        log.info("resharding: %d changes of history carried", sum(len(part.changes) for part in carried))
+        log.info("resharding: %d changes of history carried", sum(len(part.origins) for part in carried))
         _fsync_dir(tmp)
         final = os.path.join(self.path, layout)
         os.rename(tmp, final)

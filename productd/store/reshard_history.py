@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import msgpack
 
-from productd.store.changes import EXPIRED, LOST, OK, VOID, bytes_to_int
+from productd.store.changes import EXPIRED, LOST, OK, VOID, bytes_to_int, int_to_bytes
 from productd.store.record import unpack
 
 FOREIGN = 3  # a Changes status: a cursor of another shard count this shard was not resharded from
@@ -41,22 +41,22 @@ class OldShard(NamedTuple):
 class Origins:
     """Held by one new shard: where its carried changes came from (for old cursors)."""
 
-    def __init__(self, old: list[OldShard], carried: list[tuple[int, int, int]]) -> None:
+    def __init__(self, old: list[OldShard], carried: list[tuple[int, int, int]], end: int) -> None:
         self.old = old
         self.carried = carried  # (new seq, old shard, old seq), in new seq order
+        self.end = end  # the marker after the carried changes: what the new shards did follows it
 
     def pack(self) -> bytes:
-        return msgpack.packb([[list(o) for o in self.old], self.carried], use_bin_type=True)
+        return msgpack.packb([[list(o) for o in self.old], self.carried, self.end], use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> Origins:
-        old, carried = msgpack.unpackb(data, use_list=True)
-        return cls([OldShard(a, b, [tuple(v) for v in c]) for a, b, c in old], [tuple(c) for c in carried])
+        old, carried, end = msgpack.unpackb(data, use_list=True)
+        return cls([OldShard(a, b, [tuple(v) for v in c]) for a, b, c in old], [tuple(c) for c in carried], end)
 
-    def translate(self, heads: list[int], start: int) -> tuple[int, int]:
+    def translate(self, heads: list[int]) -> tuple[int, int]:
         """(status, after) for an old cursor `heads`: `after` is where this shard's changes start
-        for it. `start` is the number this shard's first life after the reshard began at (its
-        void marker): a cursor that had seen every carried change goes on from there."""
+        for it. A cursor that had seen every carried change goes on after them (`end`)."""
         if len(heads) != len(self.old):
             return FOREIGN, 0
         for head, old in zip(heads, self.old, strict=True):
@@ -67,7 +67,7 @@ class Origins:
         for seq, shard, old_seq in self.carried:
             if old_seq > heads[shard]:
                 return OK, seq - 1
-        return OK, start
+        return OK, self.end
 
 
 def old_shard(changes: list[tuple[int, str, bytes | None]], max_revision: int) -> OldShard:
@@ -79,12 +79,17 @@ def old_shard(changes: list[tuple[int, str, bytes | None]], max_revision: int) -
 
 
 class Carried(NamedTuple):
-    """What one new shard gets: its changes numbered from base + 1, the (new seq, old shard, old
-    seq) of each, and the owners of what its deletes deleted, by new seq."""
+    """What one new shard gets: its changes numbered from base + 1 and a marker after them (an
+    empty void: the history of a shard that got no change still holds where it starts), the
+    (new seq, old shard, old seq) of each change, and the owners of what its deletes deleted."""
 
     changes: list[tuple[int, str, bytes | None]]
     origins: list[tuple[int, int, int]]
     owners: dict[int, str]
+
+    @property
+    def end(self) -> int:
+        return self.changes[-1][0]
 
 
 def carry(histories: list[list[tuple[int, str, bytes | None]]], owners: list[dict[int, str]], base: int,
@@ -100,6 +105,9 @@ def carry(histories: list[list[tuple[int, str, bytes | None]]], owners: list[dic
         out[target].origins.append((number, old, seq))
         if packed is None and seq in owners[old]:
             out[target].owners[number] = owners[old][seq]
+    for target, part in enumerate(out):
+        end = numbers[target] + 1
+        part.changes.append((end, VOID, int_to_bytes(end)))
     return out
 
 
