@@ -65,6 +65,14 @@ def parse_settings(argv: list[str] | None = None, environ=os.environ) -> Setting
     args = parser.parse_args(args_in)
     values = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
     settings = Settings(**values)
+    if settings.image_lease <= settings.image_total_timeout:
+        # A lease that runs out while its download is still allowed to go on hands the job to a
+        # second worker: the same image fetched twice, and the first worker's result refused.
+        parser.error(f"--image-lease {settings.image_lease} must exceed --image-total-timeout "
+                     f"{settings.image_total_timeout} (one download) plus a render")
+    if settings.image_backoff_base > settings.image_backoff_max:
+        parser.error(f"--image-backoff-base {settings.image_backoff_base} is more than --image-backoff-max "
+                     f"{settings.image_backoff_max}")
     return settings
 
 

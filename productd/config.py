@@ -62,6 +62,25 @@ class Seconds:
         return value
 
 
+class Networks:
+    """Parses a comma-separated list of CIDR networks (an empty list: none) into a tuple of strings."""
+
+    type = tuple
+
+    def __call__(self, text: str) -> tuple[str, ...]:
+        import ipaddress  # here, not at the top: `productd --help` stays fast
+
+        networks = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            try:
+                networks.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r} is not a network (CIDR, like 10.1.2.0/24)") from None
+        return tuple(networks)
+
+
 TIMEOUT = Seconds(0, 3600, closed=False)
 SHARDS = Integer(1, 64)  # the largest count also sizes http/stats.py's per-shard counters
 
@@ -148,11 +167,42 @@ OPTIONS: tuple[Option, ...] = (
     Option("change-history", 100_000,
            "changes each shard keeps for GET /changes; older cursors get 410, a subscriber more than half "
            "of it behind is cut off", parse=Integer(100, 100_000_000)),
+    # The image pipeline (docs/images.md, "Configuration"). Each --image-<x-y> is the field
+    # x_y of productd.images.settings.ImageSettings, whose defaults tests/test_config.py holds
+    # equal to these. A default of 1 worker until the bench measures the front end's loss with
+    # the pool busy; 0 queues jobs that wait for a start with workers.
+    Option("image-workers", 1, "image worker processes (0: none, jobs wait)", parse=Integer(0, 64)),
+    Option("image-max-bytes", 20 * 1024 * 1024, "largest image download in bytes; larger fails as too-large",
+           parse=Integer(1024, 1 << 30)),
+    Option("image-connect-timeout", 5.0, "seconds per connection attempt of an image download", parse=TIMEOUT),
+    Option("image-total-timeout", 30.0, "seconds for a whole image download, redirects included", parse=TIMEOUT),
+    Option("image-max-redirects", 5, "redirects an image download follows", parse=Integer(0, 20)),
+    Option("image-allow-networks", None,
+           "comma-separated CIDR networks images may be fetched from although not public (default: none)",
+           parse=Networks()),
+    Option("image-max-pixels", 40_000_000, "larger images (width x height) are refused as bombs",
+           parse=Integer(1, 1_000_000_000)),
+    Option("image-max-side", 1024, "longest side of the stored rendition in pixels", parse=Integer(16, 16384)),
+    Option("image-quality", 80, "WebP quality of the rendition", parse=Integer(1, 100)),
+    Option("image-max-attempts", 5, "attempts of an image job before it is dead", parse=Integer(1, 100)),
+    Option("image-backoff-base", 2.0, "seconds before the first retry of an image job; doubles each attempt",
+           parse=TIMEOUT),
+    Option("image-backoff-max", 600.0, "longest retry delay of an image job in seconds", parse=TIMEOUT),
+    # The lease must outlast one attempt (a download's total time plus a render): cli.py checks it.
+    Option("image-lease", 120.0,
+           "seconds an image worker holds its job; a worker killed mid-job leaves it to be taken again after "
+           "this (must exceed --image-total-timeout)", parse=TIMEOUT),
+    Option("image-idle-wait", 0.5, "seconds between an idle image worker's looks at the queue",
+           parse=Seconds(0, 60, closed=False)),
+    Option("image-nice", 10, "niceness added to each image worker (which also runs SCHED_BATCH)",
+           parse=Integer(0, 19)),
     Option("auth-token-file", None, "file holding the bearer token that POST /events requires (default: no auth)"),
     Option("reshard", False, "move every product to the --shards count when it differs from the data dir's",
            parse=None),
     Option("access-log", False, "log every request (requests answered 4xx or 5xx are always logged)", parse=None),
     Option("auth-reads", False, "with --auth-token-file, GET /products/{id} needs the token too", parse=None),
+    Option("image-allow-private", False,
+           "fetch images from loopback, private and link-local addresses too (tests, closed networks)", parse=None),
 )
 OPTION = {option.name: option for option in OPTIONS}
 

@@ -40,6 +40,21 @@ def test_environment_sets_options_and_the_command_line_wins():
     assert s.access_log is True and s.reshard is False
 
 
+def test_image_options_reach_the_image_settings():
+    from productd.images.settings import ImageSettings, from_settings
+
+    env = {"PRODUCTD_IMAGE_WORKERS": "3", "PRODUCTD_IMAGE_ALLOW_PRIVATE": "1", "PRODUCTD_IMAGE_QUALITY": "60"}
+    s = parse_settings(["serve", "--data-dir", "/srv/d", "--image-allow-networks", "10.1.2.3/24, fd00::/8",
+                        "--image-lease", "300", "--image-quality", "70"], environ=env)
+    images = from_settings(s)
+    assert (images.data_dir, images.workers, images.allow_private, images.quality) == ("/srv/d", 3, True, 70)
+    assert images.allow_networks == ("10.1.2.0/24", "fd00::/8") and images.lease == 300.0
+    assert images.images_dir == "/srv/d/images" and images.jobs_path == "/srv/d/images/jobs.sqlite3"
+    assert from_settings(s, data_dir="/tmp/x").jobs_path == "/tmp/x/images/jobs.sqlite3"
+    # With no --image-* option given, the service runs the pipeline's own defaults.
+    assert from_settings(parse_settings(["serve"], environ={})) == ImageSettings()
+
+
 @pytest.mark.parametrize(
     "argv, env, message",
     [
@@ -53,6 +68,13 @@ def test_environment_sets_options_and_the_command_line_wins():
         (["serve", "--apply-delay", "-0.1"], {}, "0 to 60 seconds"),
         (["serve"], {"PRODUCTD_APPLY_DELAY": "61"}, "0 to 60 seconds"),
         (["serve", "--apply-delay", "nan"], {}, "0 to 60 seconds"),
+        (["serve", "--image-workers", "-1"], {}, "outside 0..64"),
+        (["serve", "--image-quality", "101"], {}, "outside 1..100"),
+        (["serve", "--image-allow-networks", "10.0.0.0/8,intranet"], {}, "'intranet' is not a network"),
+        (["serve"], {"PRODUCTD_IMAGE_ALLOW_NETWORKS": "300.1.2.3/32"}, "is not a network"),
+        (["serve", "--image-lease", "30"], {}, "--image-lease 30.0 must exceed --image-total-timeout 30.0"),
+        (["serve", "--image-total-timeout", "200"], {}, "must exceed --image-total-timeout 200.0"),
+        (["serve", "--image-backoff-base", "700"], {}, "more than --image-backoff-max 600.0"),
     ],
 )
 def test_bad_values_are_refused_with_the_reason(capsys, argv, env, message):

@@ -111,6 +111,19 @@ def test_the_parser_has_an_argument_per_option():
     assert args == {option.dest: option.default for option in OPTIONS}
 
 
+def test_every_image_setting_is_an_option_with_the_same_default():
+    from productd.images.settings import ImageSettings
+
+    for f in fields(ImageSettings):
+        if f.name == "data_dir":
+            assert OPTION["data-dir"].default == f.default
+            continue
+        option = OPTION["image-" + f.name.replace("_", "-")]
+        assert (option.default if option.default is not None else ()) == f.default, option.name
+    images = {o.name for o in OPTIONS if o.name.startswith("image-")}
+    assert images == {"image-" + f.name.replace("_", "-") for f in fields(ImageSettings) if f.name != "data_dir"}
+
+
 def test_derived_limits_read_the_declaration():
     assert stats.MAX_SHARDS == OPTION["shards"].parse.high
     assert validation.DEFAULT_MAX_EVENTS == OPTION["max-events"].default

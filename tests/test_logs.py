@@ -210,9 +210,10 @@ def test_role_matches_the_process_that_logged(logged):
     svc = logged.svc
     expected = {svc.pid: "supervisor"}
     for e in entries:
-        m = re.match(r"shard (\d+) started as pid (\d+)", e["message"])
+        m = re.match(r"(shard|image worker) (\d+) started as pid (\d+)", e["message"])
         if m and e["role"] == "supervisor":
-            expected[int(m.group(2))] = f"shard-{m.group(1)}"
+            role = "shard" if m.group(1) == "shard" else "image-worker"
+            expected[int(m.group(3))] = f"{role}-{m.group(2)}"
         m = re.match(r"gunicorn arbiter started as pid (\d+)", e["message"])
         if m:
             expected[int(m.group(1))] = "arbiter"

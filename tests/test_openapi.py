@@ -78,6 +78,7 @@ NOT_FUZZED = ("followChanges",)
 LISTING_MERGED = (REPO_ROOT / "productd" / "http" / "listing.py").exists()
 if not LISTING_MERGED:
     NOT_FUZZED += ("listProducts",)
+IMAGE_PATHS = {"/images/{key}", "/admin/image-jobs", "/admin/image-jobs/{job_id}/retry"}
 CATALOGUE_PATHS = {"/products", "/products/{product_id}", "/products/{product_id}/inventory", "/changes"}
 
 
@@ -114,7 +115,8 @@ def test_repo_document_is_valid_openapi_3_1():
 
 def test_every_path_and_status_documented():
     doc = json.loads(DOCUMENT.read_text())
-    assert set(doc["paths"]) == {"/events", "/healthz", "/readyz", "/metrics", "/openapi.json"} | CATALOGUE_PATHS
+    assert set(doc["paths"]) == {"/events", "/healthz", "/readyz", "/metrics", "/openapi.json"} | CATALOGUE_PATHS \
+        | IMAGE_PATHS
     post = doc["paths"]["/events"]["post"]["responses"]
     assert {"202", "400", "401", "413", "415", "422", "503"} <= set(post)
     paths = doc["paths"]
@@ -129,6 +131,9 @@ def test_every_path_and_status_documented():
         ("/products/{product_id}", "delete"): {"204", "400", "401", "404", "412", "503", "504"},
         ("/products/{product_id}/inventory", "get"): {"200", "400", "401", "404", "503", "504"},
         ("/changes", "get"): {"200", "400", "401", "410", "503"},
+        ("/images/{key}", "get"): {"200", "206", "304", "401", "404", "416"},
+        ("/admin/image-jobs", "get"): {"200", "400", "401", "503"},
+        ("/admin/image-jobs/{job_id}/retry", "post"): {"200", "401", "404", "409", "503"},
     }
     for (path, method), statuses in expected.items():
         assert statuses <= set(paths[path][method]["responses"]), (path, method)
@@ -225,7 +230,9 @@ def test_schemathesis_against_live_service(api, tmp_path):
 def test_undeclared_methods_answer_405_with_allow(api):
     doc = json.loads(DOCUMENT.read_text())
     concrete = {"/products/{product_id}": "/products/abc123",
-                "/products/{product_id}/inventory": "/products/abc123/inventory"}
+                "/products/{product_id}/inventory": "/products/abc123/inventory",
+                "/images/{key}": "/images/" + "0" * 64 + ".webp",
+                "/admin/image-jobs/{job_id}/retry": "/admin/image-jobs/1/retry"}
     for path, operations in doc["paths"].items():
         declared = {m.upper() for m in operations if m != "parameters"}
         for method in {"PUT", "DELETE", "PATCH", "POST"} - declared:

@@ -43,6 +43,10 @@ SAMPLES = {
         protocol.Changes(b"\0abcde", 11, 5, "u", ("a", "b"), 1000, 15.0),
         protocol.Changes(LONGEST_REPLY_TO, UINT64_MAX, None, None, None, 1, 0.0),
     ],
+    protocol.ImageResult: [
+        protocol.ImageResult("prod-3", "https://x/y.jpg", ("done", "a" * 64 + ".webp", "webp", 1024, 768, 29000)),
+        protocol.ImageResult("x", "http://h/", ("failed", "http-4xx")),
+    ],
 }
 
 
@@ -133,6 +137,21 @@ def test_the_widest_get_frame_fits():
     assert _read_back(frame)[0] == protocol.Get(LONGEST_REPLY_TO, UINT64_MAX, LONGEST_PRODUCT_ID)
 
 
+def test_the_widest_image_result_frame_fits():
+    """The longest product id and image URL validation takes, every number at msgpack's widest and
+    the longest reason ResultSender lets through: still one frame."""
+    from productd.http.product_input import MAX_URL
+    from productd.images.results import MAX_REASON
+
+    url = "https://" + "h" * (MAX_URL - 8)
+    for result in (("done", "f" * 64 + ".webp", "webp", UINT64_MAX, UINT64_MAX, UINT64_MAX),
+                   ("failed", "r" * MAX_REASON)):
+        message = protocol.ImageResult(LONGEST_PRODUCT_ID, url, result)
+        frame = protocol.frame(protocol.ImageResult.pack(*message))
+        assert len(frame) <= protocol.PIPE_BUF
+        assert _read_back(frame)[0] == message
+
+
 def test_a_kind_code_is_registered_once():
     class Twice(protocol.NamedTuple):
         KIND = protocol.GET
@@ -164,3 +183,14 @@ def test_the_shard_handles_every_kind_by_its_fields():
     assert shard.handle(_bodies(protocol.stop_frame(), protocol.get_frame(address, 11, "p1")))
     # A read behind STOP in the same read of the inbox is told at once that the shard is stopping.
     assert shard.sent[2:] == [(address, 11, protocol.UNAVAILABLE)]
+
+
+def test_the_shard_applies_an_image_result_by_its_fields():
+    from productd.store import catalogue, record
+
+    shard = RecordingShard()
+    fields = {"user_id": "u", "name": "n", "images": ("https://x/a.jpg", "https://x/b.jpg")}
+    shard.handle(_bodies(protocol.frame(protocol.Write.pack(b"\0abc", 1, catalogue.CREATE, "p1", fields, None, None))))
+    done = ("done", "k" * 64 + ".webp", "webp", 10, 20, 30)
+    shard.handle(_bodies(protocol.frame(protocol.ImageResult.pack("p1", "https://x/b.jpg", done))))
+    assert record.unpack(shard.store.get_packed("p1")).image_results == {"https://x/b.jpg": done}

@@ -4,7 +4,9 @@ forked gunicorn arbiter (and every worker it forks) builds its ShardClient from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from productd.actors.pool import PoolBoard
 from productd.actors.status import StatusBoard
 
 
@@ -16,3 +18,5 @@ class Frontend:
     inbox_fds: list[int]
     bell_fds: list[int]
     board: StatusBoard
+    pool: PoolBoard | None = None  # the image workers' board (/readyz, /metrics)
+    images: Any = None  # productd.images.settings.ImageSettings: where the job file and objects are

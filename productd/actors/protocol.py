@@ -222,6 +222,27 @@ class Changes(NamedTuple):
         return _packb((CHANGES, reply_to, request_id, after, user_id, ids, limit, wait))
 
 
+IMAGE_RESULT = 8
+
+
+@message
+class ImageResult(NamedTuple):
+    """An image job's end, from an image worker (productd.images.results.ResultSender) to the
+    product's shard: `result` is ("done", key, format, width, height, bytes) or ("failed",
+    reason). No answer: the shard applies it only while the product still shows `url`
+    (docs/images.md, "Reaching the product"); a worker re-sends it until it is in the inbox."""
+
+    product_id: str
+    url: str
+    result: tuple
+
+    KIND = IMAGE_RESULT
+
+    @staticmethod
+    def pack(product_id: str, url: str, result: tuple) -> bytes:
+        return _packb((IMAGE_RESULT, product_id, url, tuple(result)))
+
+
 # Room a Part header takes beside its reply address and chunk: fixarray, kind, bin header of the
 # address (3), request id (9), the flag and the chunk's bin header (3) is 18; rounded up.
 PART_HEADER_ROOM = 32

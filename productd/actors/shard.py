@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import socket
+import sqlite3
 import time
 
 import msgpack
@@ -23,7 +24,7 @@ from productd.actors.status import StatusBoard
 from productd.store import catalogue, listing, recovery
 from productd.store.changes import OK, ChangeLog
 from productd.store.memory import ShardStore
-from productd.store.record import revision
+from productd.store.record import details, pending_images, revision, with_image_result
 from productd.store.reshard_history import FOREIGN, Origins
 from productd.store.sqlite import ShardFile
 
@@ -84,6 +85,7 @@ class Shard:
         stop_timeout: float = 30.0,
         recovery_reserve: int = 0,
         change_history: int = 100_000,
+        images=None,  # productd.images.settings.ImageSettings: the job queue to enqueue to; None: no pipeline
     ) -> None:
         self.id = shard_id
         self.inbox_fd = inbox_fd
@@ -114,6 +116,11 @@ class Shard:
         self.parts_bytes = 0
         self.outbox: collections.deque = collections.deque()  # (deadline, address, datagrams left)
         self.handlers = HANDLERS  # STOPPING_HANDLERS once a STOP was read
+        self.images = images
+        self.jobs = None  # the JobQueue, opened in run() (after the fork: one connection per process)
+        # Image URLs a write added, by product, to enqueue once the write is committed (with
+        # durability none: once applied): a job must never name a change a crash could undo.
+        self.to_enqueue: dict[str, list[str]] = {}
         self.origins: Origins | None = None  # the history a reshard carried here, for old cursors
 
     def load(self) -> None:
@@ -179,8 +186,10 @@ class Shard:
         """
         board, sid = self.board, self.id
         board.beat(sid)
+        self._open_jobs()
         self.load()
         self._resume_feed()
+        self._scan_pending_images()
         board.set(sid, status.PRODUCTS, len(self.store))
         board.set(sid, status.DOZING, 0)  # a predecessor may have died dozing
         board.beat(sid)
@@ -370,6 +379,8 @@ class Shard:
                 log.warning("shard %d commits again; taking writes", self.id)
         self.next_commit = time.monotonic() + self.commit_interval
         self._answer_acks(None)
+        if self.to_enqueue:
+            self._enqueue_images()
         return True
 
     def _answer_acks(self, error: str | None) -> None:
@@ -404,6 +415,8 @@ class Shard:
         if self.file is None:
             self.dirty.clear()
             self.changes.saved()
+            if self.to_enqueue:  # nothing to commit first: the jobs are queued once applied
+                self._enqueue_images()
         else:
             self.uncommitted_events += batch.applied
         received = batch.received
@@ -479,6 +492,8 @@ class Shard:
         )
         batch.writes += 1
         if outcome in (catalogue.OK, catalogue.CREATED):
+            if value is not None and self.images is not None:
+                self._note_new_images(product_id, value)
             self.store.put(product_id, value)
             changes.append(seq, product_id, value)
             self.dirty.add(product_id)
@@ -486,6 +501,83 @@ class Shard:
                 self.pending_acks.append((reply_to, request_id, [outcome, value]))
                 return False
         self.reply(reply_to, request_id, [outcome, value])
+        return False
+
+    # ---- the image pipeline (docs/images.md, "Queuing the jobs" and "Reaching the product")
+
+    def _open_jobs(self) -> None:
+        if self.images is None:
+            return
+        from productd.images.jobs import JobQueue  # only a shard with the pipeline pays for the import
+
+        s = self.images
+        try:
+            self.jobs = JobQueue(s.jobs_path, s.max_attempts, s.backoff())
+        except (sqlite3.Error, OSError) as exc:
+            # The shard serves without it: images stay pending, and the next start's scan queues them.
+            log.error("shard %d cannot open the image job queue %s: %s; new images stay pending until a restart",
+                      self.id, s.jobs_path, exc)
+
+    def _note_new_images(self, product_id: str, new: bytes) -> None:
+        """Remember the URLs of `new` that the product did not show before, to enqueue."""
+        old = self.store.get_packed(product_id)
+        old_details = None if old is None else details(old)
+        shown = () if old_details is None else old_details[3]
+        added = [url for url in pending_images(new) if url not in shown]
+        if added:
+            self.to_enqueue.setdefault(product_id, []).extend(added)
+
+    def _scan_pending_images(self) -> None:
+        """At load: queue every image a product shows as pending. Repairs a crash between a commit
+        and its enqueue (and a result lost in a crash): a URL already queued keeps its job, one
+        already ended is applied at once from the queue."""
+        if self.jobs is None:
+            return
+        for product_id, packed in self.store.items():
+            urls = pending_images(packed)
+            if urls:
+                self.to_enqueue[product_id] = urls
+        if self.to_enqueue:
+            log.info("shard %d queues the pending images of %d products", self.id, len(self.to_enqueue))
+            self._enqueue_images()
+
+    def _enqueue_images(self) -> None:
+        """One JobQueue transaction for every URL noted; the ones already ended apply at once."""
+        if self.jobs is None:
+            self.to_enqueue.clear()
+            return
+        pairs = [(url, product_id) for product_id, urls in self.to_enqueue.items() for url in urls]
+        try:
+            ended = self.jobs.enqueue_many(pairs)
+        except sqlite3.Error as exc:  # locked past the busy timeout, a full disk: kept, tried after the next commit
+            log.error("shard %d cannot queue %d image jobs: %s; trying again after the next commit (a restart's scan "
+                      "queues them too)", self.id, len(pairs), exc)
+            return
+        self.to_enqueue.clear()
+        now = time.time_ns()
+        for product_id, url, result in ended:
+            self._apply_image_result(product_id, url, result, now)
+
+    def _apply_image_result(self, product_id: str, url: str, result: tuple, now_ns: int) -> bool:
+        """Show `result` on the product, as a change (new revision, in the feed); False when it is
+        dropped (product gone, URL no longer shown) or already there."""
+        current = self.store.get_packed(product_id)
+        seq = self.changes.head + 1
+        new = None if current is None else with_image_result(current, url, result, now_ns, seq)
+        if new is None:
+            shown = None if current is None else details(current)
+            if shown is None or url not in shown[3]:
+                self.board.add(self.id, status.IMAGE_RESULTS_DROPPED, 1)
+                log.debug("shard %d dropped the image result for %s of %s: no longer shown", self.id, url, product_id)
+            return False
+        self.store.put(product_id, new)
+        self.changes.append(seq, product_id, new)
+        self.dirty.add(product_id)
+        return True
+
+    def _on_image_result(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
+        _, product_id, url, result = head  # protocol.ImageResult
+        self._apply_image_result(product_id, url, result, batch.now)
         return False
 
     def _on_get_many(self, head: tuple, items: msgpack.Unpacker, batch: _Batch) -> bool:
@@ -703,6 +795,7 @@ HANDLERS = {
     protocol.PART: Shard._on_part,
     protocol.CHANGES: Shard._on_changes,
     protocol.LIST: Shard._on_list,
+    protocol.IMAGE_RESULT: Shard._on_image_result,
 }
 # After a STOP: the same, but what waits for an answer (a read, a catalogue write) is answered
 # UNAVAILABLE at once: the shard is about to exit. Events are still applied: they were accepted.

@@ -47,6 +47,8 @@ DOZING = ROW.field("dozing")  # 1 while the shard lets events gather on its door
 APPLY_HIST = ROW.field("apply_hist", len(APPLY_BUCKETS) + 1)  # the buckets, then +Inf
 APPLY_SUM_US = ROW.field("apply_sum_us")
 APPLY_COUNT = ROW.field("apply_count")
+# Image results (protocol.ImageResult) for a product that is gone or no longer shows the URL.
+IMAGE_RESULTS_DROPPED = ROW.field("image_results_dropped")
 ROW_FIELDS = ROW.size()  # whole cache lines: each row has its own writer
 
 # Global fields, after the shard rows.

@@ -1,9 +1,10 @@
 """The supervisor: the process `productd serve` starts, and the parent of every other one.
 
-It binds the listening socket, creates one inbox per shard, forks the shards and then the
-gunicorn arbiter, and from then on only watches: a shard that dies is started again on the
-same inbox, and SIGTERM or SIGINT stops the service in order (gunicorn first, so no new
-events come in, then each shard drains its inbox and exits).
+It binds the listening socket, creates one inbox per shard, forks the shards, the image
+workers (--image-workers) and then the gunicorn arbiter, and from then on only watches: a shard
+or image worker that dies is started again (a shard on the same inbox), and SIGTERM or SIGINT
+stops the service in order (gunicorn and the image workers first, so no new events or image
+results come in, then each shard drains its inbox and exits).
 
 It forks everything before it could start a thread, keeps the shards away from gunicorn's
 arbiter (which reaps every child it has) and is the only process that speaks to systemd.
@@ -15,22 +16,29 @@ import ctypes
 import logging
 import os
 import select
+import shutil
 import signal
+import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from enum import Enum
 
 from productd import logs
+from productd.actors import pool as pool_row
 from productd.actors import protocol, status
 from productd.actors.frontend import Frontend
 from productd.actors.inbox import Inbox, ring
 from productd.actors.listeners import ListenError, listen
+from productd.actors.pool import PoolBoard
 from productd.actors.routing import shard_for
 from productd.actors.shard import EXIT_LOST, EXIT_SAVED, Shard
 from productd.actors.status import StatusBoard
 from productd.actors.systemd import notify_systemd
 from productd.config import DEFAULT_SHARDS
+from productd.images import settings as image_settings
+from productd.images.results import ResultSender
 from productd.store import recovery
 from productd.store.datadir import DataDir, DataDirError
 from productd.store.sqlite import ShardFile, StoreFileError
@@ -61,9 +69,10 @@ class Phase(Enum):
     moves it on, and does what each move means."""
 
     STARTING = "starting"  # data dir, listening sockets, inboxes: nothing forked yet
-    LOADING = "loading"  # shards forked and loading their products; no HTTP yet
+    LOADING = "loading"  # shards (and image workers) forked, the shards loading their products; no HTTP yet
     SERVING = "serving"  # gunicorn runs; systemd was told READY=1
-    CLOSING = "closing"  # gunicorn was told to stop and finishes its requests; no new events
+    # gunicorn and the image workers were told to stop: requests and jobs in hand finish; no new events
+    CLOSING = "closing"
     DRAINING = "draining"  # each shard gets STOP behind its inbox, applies everything and exits
     STOPPED = "stopped"  # every shard has exited; the supervisor returns the exit code
 
@@ -95,6 +104,14 @@ class Supervisor:
         self.shard_paths: list[str | None] = []
         self.next_extend = 0.0
         self.pending_signals: list[int] = []
+        # The image worker pool (docs/images.md, "The pool"): pid -> worker index, and the same
+        # restart bookkeeping as the shards'.
+        self.image_pids: dict[int, int] = {}
+        self.image_restart_at: dict[int, float] = {}
+        self.image_deaths: dict[int, list[float]] = {}
+        self.image_kill_at = 0.0
+        self.images_temp_dir: str | None = None
+        self.images = None  # ImageSettings, once the data dir is settled
 
     def _open_data(self) -> int:
         """Lock the data dir, settle the layout and check every shard file; returns the shard count."""
@@ -121,9 +138,36 @@ class Supervisor:
 
     # ---- start ---------------------------------------------------------------------------
 
+    def _open_images(self) -> None:
+        """Settle where the image pipeline keeps its job file and objects, and create the job file
+        (so that a bad one stops the start here, and the front end always finds one to read)."""
+        s = self.settings
+        data_dir = None
+        if s.durability == "none":
+            # No data dir for the shards: the pipeline runs in a directory of its own that dies
+            # with the service, like everything else in this mode (removed at stop).
+            self.images_temp_dir = data_dir = tempfile.mkdtemp(prefix="productd-images-")
+        self.images = image_settings.from_settings(s, data_dir=data_dir)
+        from productd.images.jobs import JobQueue
+
+        try:
+            # Opened and closed before any fork: every process opens its own connection later.
+            JobQueue(self.images.jobs_path, self.images.max_attempts, self.images.backoff()).close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"image job file {self.images.jobs_path}: {exc}") from None
+        log.info("image pipeline in %s: %d image workers", self.images.images_dir, s.image_workers)
+
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self.images_temp_dir:
+                shutil.rmtree(self.images_temp_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         s = self.settings
         s.shards = self._open_data()
+        self._open_images()
         try:
             self.listeners = listen(s.bind, s.workers)
         except ListenError as exc:
@@ -133,6 +177,7 @@ class Supervisor:
         except OSError as exc:
             raise StartupError(f"--inbox-bytes {s.inbox_bytes} x {s.shards} shards: {exc.strerror}") from None
         self.board = StatusBoard(s.shards)
+        self.pool = PoolBoard(s.image_workers)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -146,6 +191,10 @@ class Supervisor:
         self.started_at = time.monotonic()
         for shard in range(s.shards):
             self._start_shard(shard)
+        # After the shards (their inboxes are where results go), before gunicorn; forked by the
+        # supervisor, so gunicorn's arbiter, which reaps every child it has, never sees them.
+        for worker in range(s.image_workers):
+            self._start_image_worker(worker)
         self._enter(Phase.LOADING)
         try:
             return self._loop()
@@ -210,8 +259,36 @@ class Supervisor:
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
             bell_fd=inbox.bell_read_fd, apply_delay=0.0 if s.durability == "sync" else s.apply_delay,
             stop_timeout=s.graceful_timeout, recovery_reserve=max(RECOVERY_RESERVE_MIN, 2 * inbox.capacity),
-            change_history=s.change_history,
+            change_history=s.change_history, images=self.images,
         ).run()
+
+    def _start_image_worker(self, worker: int) -> None:
+        pool = self.pool
+        pool.set(worker, pool_row.STATE, pool_row.STARTING)
+        pid = self._fork(f"image-worker-{worker}", lambda: self._image_worker_main(worker))
+        self.image_pids[pid] = worker
+        pool.set(worker, pool_row.PID, pid)
+        pool.set(worker, pool_row.STATE, pool_row.READY)
+        log.info("image worker %d started as pid %d", worker, pid)
+
+    def _image_worker_main(self, worker: int) -> int:
+        # Like a shard: dies with the supervisor, and holds nothing it must not (a listener held
+        # open would keep the port bound after a stop; an inbox read end would hide a dead
+        # shard's EOF). It keeps the inbox write ends and bells: results go to the shards there.
+        _die_with_parent(signal.SIGKILL)
+        for listener in self.listeners:
+            listener.close()
+        for inbox in self.inboxes:
+            for fd in inbox.read_fds():
+                os.close(fd)
+        from productd.images.worker import run_worker
+
+        _record_metrics(self.pool, worker)
+        name = f"image-worker-{worker}"
+        sender = ResultSender([inbox.write_fd for inbox in self.inboxes],
+                              [inbox.bell_write_fd for inbox in self.inboxes], self.settings.shards)
+        # run_worker sets its own SIGTERM and SIGINT handlers (finish the job in hand, exit 0).
+        return run_worker(self.images, name=name, sender=sender)
 
     def _start_frontend(self) -> None:
         frontend = Frontend(
@@ -219,6 +296,8 @@ class Supervisor:
             inbox_fds=[inbox.write_fd for inbox in self.inboxes],
             bell_fds=[inbox.bell_write_fd for inbox in self.inboxes],
             board=self.board,
+            pool=self.pool,
+            images=self.images,
         )
 
         def arbiter_main() -> int:
@@ -258,6 +337,10 @@ class Supervisor:
                     self._start_shard(shard)
                     if self.phase is Phase.DRAINING:
                         self.stops_pending[shard] = now + STOP_NAG_EVERY
+            for worker, when in list(self.image_restart_at.items()):
+                if when <= now:
+                    del self.image_restart_at[worker]
+                    self._start_image_worker(worker)
             self._step()
         return self.exit_code
 
@@ -270,11 +353,20 @@ class Supervisor:
             elif time.monotonic() >= self.next_extend:
                 self._extend_start_timeout()
         elif phase is Phase.CLOSING:
-            if not self.arbiter_pid:
+            # The shards drain only once the image workers are gone too: every result a worker
+            # sent is then in an inbox, ahead of the STOP.
+            if not self.arbiter_pid and not self.image_pids:
                 self._enter(Phase.DRAINING)
-            elif time.monotonic() > self.arbiter_kill_at:
+            if self.arbiter_pid and time.monotonic() > self.arbiter_kill_at:
                 log.error("gunicorn did not stop within its graceful timeout; killing it")
                 self._kill_group(self.arbiter_pid)
+            if self.image_pids and time.monotonic() > self.image_kill_at:
+                log.error("image worker(s) %s still busy after --graceful-timeout; killing them (their jobs' "
+                          "leases expire and the jobs are taken again after the next start)",
+                          sorted(self.image_pids.values()))
+                for pid in self.image_pids:
+                    self._kill_pid(pid)
+                self.image_kill_at = time.monotonic() + 3600  # once
         if self.phase is Phase.DRAINING:
             self._deliver_stops()
             if len(self.stopped) == self.settings.shards:
@@ -295,6 +387,11 @@ class Supervisor:
             if self.arbiter_pid:
                 os.kill(self.arbiter_pid, signal.SIGTERM)
                 self.arbiter_kill_at = time.monotonic() + self.settings.graceful_timeout + 5
+            # Each image worker finishes the job in hand and exits; none is restarted from now on.
+            self.image_restart_at.clear()
+            for pid in self.image_pids:
+                self._signal_pid(pid, signal.SIGTERM)
+            self.image_kill_at = time.monotonic() + self.settings.graceful_timeout
         elif phase is Phase.DRAINING:
             now = time.monotonic()
             self.stops_pending = {shard: now + STOP_NAG_EVERY for shard in range(self.settings.shards)
@@ -320,8 +417,11 @@ class Supervisor:
         wait = 1.0
         if self.stops_pending:
             wait = STOP_RETRY
-        if self.restart_at:
-            wait = min(wait, max(0.0, min(self.restart_at.values()) - time.monotonic()))
+        restarts = [*self.restart_at.values(), *self.image_restart_at.values()]
+        if restarts:
+            wait = min(wait, max(0.0, min(restarts) - time.monotonic()))
+        if self.phase is Phase.CLOSING and self.image_pids:
+            wait = min(wait, max(0.0, self.image_kill_at - time.monotonic()))
         return wait
 
     def _all_ready(self) -> bool:
@@ -347,6 +447,26 @@ class Supervisor:
                     log.info("gunicorn stopped (%s)", how)
             elif pid in self.shard_pids:
                 self._shard_exited(self.shard_pids.pop(pid), pid, wstatus, how)
+            elif pid in self.image_pids:
+                self._image_worker_exited(self.image_pids.pop(pid), pid, how)
+
+    def _image_worker_exited(self, worker: int, pid: int, how: str) -> None:
+        pool = self.pool
+        if self.phase in (Phase.CLOSING, Phase.DRAINING, Phase.STOPPED):
+            pool.set(worker, pool_row.STATE, pool_row.STOPPED)
+            log.info("image worker %d (pid %d) stopped (%s)", worker, pid, how)
+            return
+        # Nothing is lost with it: the job it held is taken again when its lease expires.
+        pool.set(worker, pool_row.STATE, pool_row.DEAD)
+        pool.add(worker, pool_row.RESTARTS, 1)
+        now = time.monotonic()
+        deaths = [t for t in self.image_deaths.get(worker, []) if now - t < 30] + [now]
+        self.image_deaths[worker] = deaths
+        delay = _restart_delay(deaths)
+        log.error("image worker %d (pid %d) %s; restarting it%s. Its job in hand, if any, is taken again when "
+                  "its lease (--image-lease) expires", worker, pid, how,
+                  f" in {delay:.1f}s (it keeps dying)" if delay else "")
+        self.image_restart_at[worker] = now + delay
 
     def _shard_exited(self, shard: int, pid: int, wstatus: int, how: str) -> None:
         board = self.board
@@ -381,7 +501,7 @@ class Supervisor:
             self.unsaved.add(shard)
             self._fail(1)
             return
-        delay = 0.0 if len(deaths) <= 3 else min(5.0, 0.1 * 2 ** (len(deaths) - 3))
+        delay = _restart_delay(deaths)
         log.error(
             "shard %d (pid %d) %s; restarting it%s. %s; events still in its inbox will be applied by the new process",
             shard, pid, how, f" in {delay:.1f}s (it keeps dying)" if delay else "",
@@ -422,6 +542,15 @@ class Supervisor:
             ring(inbox.bell_write_fd)
             del self.stops_pending[shard]
 
+    def _signal_pid(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # exited; reaped on the next turn
+            pass
+
+    def _kill_pid(self, pid: int) -> None:
+        self._signal_pid(pid, signal.SIGKILL)
+
     def _kill_group(self, pgid: int) -> None:
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -432,13 +561,42 @@ class Supervisor:
         """Last resort on the way out: nothing of ours outlives the supervisor."""
         if self.arbiter_pid:
             self._kill_group(self.arbiter_pid)
-        for pid in list(self.shard_pids):
+        for pid in [*self.shard_pids, *self.image_pids]:
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
         signal.set_wakeup_fd(-1)
+
+
+def _restart_delay(deaths: list[float]) -> float:
+    """Seconds before a restart, after `deaths` in the last 30 s: at once for the first three,
+    then doubling from 0.2 s to at most 5 s (a process that cannot start must not spin)."""
+    return 0.0 if len(deaths) <= 3 else min(5.0, 0.1 * 2 ** (len(deaths) - 3))
+
+
+def _record_metrics(pool: PoolBoard, worker: int) -> None:
+    """In an image worker: count its outcomes on its pool row (actors/pool.py, `Recorder`).
+
+    The worker's info records must reach the recorder whatever --log-level says, and reach the
+    log only as --log-level says: the "productd.images" logger handles them itself (INFO and up)
+    and forwards to the root handlers what the root's level lets through."""
+    from productd.actors.pool import Recorder
+
+    root = logging.getLogger()
+
+    class ToRoot(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= root.getEffectiveLevel():
+                for handler in root.handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+
+    images = logging.getLogger("productd.images")
+    images.setLevel(min(logging.INFO, root.getEffectiveLevel()))
+    images.propagate = False
+    images.handlers = [Recorder(pool, worker), ToRoot()]
 
 
 def _describe_exit(wstatus: int) -> str:
@@ -450,5 +608,4 @@ def _describe_exit(wstatus: int) -> str:
             name = str(sig)
         return f"was killed by {name}"
     return f"exited with code {os.WEXITSTATUS(wstatus)}"
-
 

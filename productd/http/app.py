@@ -19,6 +19,8 @@ from productd.http import problems
 from productd.http.catalogue import Inventory, Product, Products
 from productd.http.connection import STARTED
 from productd.http.feed import ChangeFeed
+from productd.http.image_jobs import ImageJobRetry, ImageJobs, JobFile
+from productd.http.images import Images
 from productd.http.metrics import Metrics
 from productd.http.problems import Problem
 from productd.http.resources import Events, Health, Ready
@@ -36,6 +38,9 @@ ROUTE_NAMES = {
     "/metrics": "metrics",
     "/openapi.json": "openapi",
     "/changes": "changes",
+    "/images/{key}": "image",
+    "/admin/image-jobs": "image_jobs",
+    "/admin/image-jobs/{job_id}/retry": "image_job_retry",
 }
 
 
@@ -104,8 +109,9 @@ OPEN_ROUTES = frozenset(("/healthz", "/readyz", "/metrics", "/openapi.json"))
 
 
 class BearerAuth:
-    """Falcon middleware: writes (every method but GET and HEAD) and, with --auth-reads, reads of
-    the data (every GET but OPEN_ROUTES) need `Authorization: Bearer <token>`."""
+    """Falcon middleware: writes (every method but GET and HEAD), the admin routes (issue 13:
+    "the admin endpoints need the token when auth is on") and, with --auth-reads, reads of the
+    data (every GET but OPEN_ROUTES) need `Authorization: Bearer <token>`."""
 
     def __init__(self, token: str, reads_too: bool) -> None:
         self.token = token.encode()
@@ -115,7 +121,8 @@ class BearerAuth:
         if resource is None:  # no route: the 404 (or 405) says so without asking for a token
             return
         read = req.method in ("GET", "HEAD", "OPTIONS")
-        if not read or (self.reads_too and req.uri_template not in OPEN_ROUTES):
+        admin = req.uri_template.startswith("/admin/")
+        if not read or admin or (self.reads_too and req.uri_template not in OPEN_ROUTES):
             scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
             # compare_digest takes time independent of where the two tokens differ
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
@@ -149,7 +156,11 @@ def create_app(
     auth_token: str | None = None,
     auth_reads: bool = False,
     change_history: int = 100_000,
+    images=None,
+    pool=None,
 ) -> falcon.asgi.App:
+    """`images` (ImageSettings) and `pool` (actors.pool.PoolBoard) come from the supervisor; without
+    them (tests that build an app alone) the image routes are not there."""
     middleware: list = [RequestLog(stats, access_log)]
     if auth_token:
         middleware.append(BearerAuth(auth_token, auth_reads))
@@ -163,8 +174,15 @@ def create_app(
     app.add_route("/products/{product_id}", Product(client, max_body_bytes))
     app.add_route("/products/{product_id}/inventory", Inventory(client))
     app.add_route("/healthz", Health())
-    app.add_route("/readyz", Ready(client))
-    app.add_route("/metrics", Metrics(client, stats))
+    job_file = JobFile(images) if images is not None else None
+    app.add_route("/readyz", Ready(client, pool, job_file))
+    app.add_route("/metrics", Metrics(client, stats, pool, job_file))
     app.add_route("/openapi.json", OpenApi(max_events))
     app.add_route("/changes", ChangeFeed(client, change_history))
+    if images is not None:
+        from productd.images.objects import DirectoryStore
+
+        app.add_route("/images/{key}", Images(DirectoryStore(images.images_dir)))
+        app.add_route("/admin/image-jobs", ImageJobs(job_file))
+        app.add_route("/admin/image-jobs/{job_id}/retry", ImageJobRetry(job_file))
     return app

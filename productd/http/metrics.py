@@ -56,13 +56,19 @@ PER_SHARD_SERIES = (
 
 
 class Metrics:
-    def __init__(self, client: ShardClient, stats: HttpStats) -> None:
+    def __init__(self, client: ShardClient, stats: HttpStats, pool=None, job_file=None) -> None:
         self.client = client
         self.stats = stats
+        self.pool = pool  # productd.actors.pool.PoolBoard
+        self.job_file = job_file  # productd.http.image_jobs.JobFile
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE
-        resp.text = render(self.client, self.stats)
+        text = render(self.client, self.stats)
+        if self.pool is not None:
+            job_stats = await self.job_file.stats() if self.job_file is not None else None
+            text += "\n".join(render_images(self.pool, job_stats)) + "\n"
+        resp.text = text
 
     on_head = on_get
 
@@ -86,3 +92,61 @@ def render(client: ShardClient, stats: HttpStats) -> str:
         lines.append(f'{APPLY_DELAY}_count{{shard="{s}"}} {delay.count}')
     lines.extend(stats.render(client.shards))
     return "\n".join(lines) + "\n"
+
+
+# The image pipeline (docs/images.md, "Metrics"): the pool's counters from its board (each
+# worker counts its own), the queue from the job file (cached for a second, image_jobs.JobFile).
+POOL_COUNTERS = (
+    ("productd_image_downloads_total", "DOWNLOADS", "Image downloads that fetched a whole body."),
+    ("productd_image_download_failures_total", "DOWNLOAD_FAILURES", "Image downloads that failed, for any reason."),
+    ("productd_image_retries_total", "RETRIES",
+     "Failed image attempts that were transient (timeouts, connection errors, 5xx, 429): retried while attempts "
+     "are left."),
+    ("productd_image_compressions_total", "COMPRESSIONS", "Renditions made and stored."),
+    ("productd_image_compression_failures_total", "COMPRESSION_FAILURES",
+     "Downloaded bodies refused by the renderer (not an image, too many pixels)."),
+    ("productd_image_dead_lettered_total", "DEAD_LETTERED", "Image jobs that went to the dead-letter queue."),
+    ("productd_image_bytes_in_total", "BYTES_IN", "Bytes of images downloaded."),
+    ("productd_image_bytes_out_total", "BYTES_OUT", "Bytes of renditions stored."),
+)
+
+
+def render_images(pool, job_stats: dict | None) -> list[str]:
+    from productd.actors import pool as row
+
+    lines = [
+        "# HELP productd_image_workers Image worker processes configured (--image-workers).",
+        "# TYPE productd_image_workers gauge",
+        f"productd_image_workers {pool.workers}",
+        "# HELP productd_image_worker_up 1 while the image worker process runs.",
+        "# TYPE productd_image_worker_up gauge",
+        *(f'productd_image_worker_up{{worker="{w}"}} {int(pool.get(w, row.STATE) == row.READY)}'
+          for w in range(pool.workers)),
+        "# HELP productd_image_worker_restarts_total Times the supervisor restarted the image worker.",
+        "# TYPE productd_image_worker_restarts_total counter",
+        *(f'productd_image_worker_restarts_total{{worker="{w}"}} {pool.get(w, row.RESTARTS)}'
+          for w in range(pool.workers)),
+    ]
+    for name, field, help_text in POOL_COUNTERS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {pool.total(getattr(row, field))}"]
+    for name, hist, sum_us, help_text in (
+        ("productd_image_download_seconds", row.DOWNLOAD_HIST, row.DOWNLOAD_SUM_US,
+         "Time to download an image, redirects included (successful downloads)."),
+        ("productd_image_compression_seconds", row.COMPRESSION_HIST, row.COMPRESSION_SUM_US,
+         "Time to check, decode, resize, encode and store a rendition."),
+    ):
+        buckets, total, count = pool.histogram(hist, sum_us)
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{bound}"}} {cumulative}' for bound, cumulative in buckets]
+        lines += [f"{name}_sum {total}", f"{name}_count {count}"]
+    lines += ["# HELP productd_image_jobs_readable 1 when the front end could read the image job file.",
+              "# TYPE productd_image_jobs_readable gauge",
+              f"productd_image_jobs_readable {int(job_stats is not None)}"]
+    if job_stats is not None:
+        lines += ["# HELP productd_image_jobs Image jobs by state (queued, running, done, failed: waiting to be "
+                  "retried, dead).", "# TYPE productd_image_jobs gauge"]
+        lines += [f'productd_image_jobs{{state="{state}"}} {n}' for state, n in job_stats["counts"].items()]
+        lines += ["# HELP productd_image_queue_age_seconds How long the longest-waiting due image job has waited.",
+                  "# TYPE productd_image_queue_age_seconds gauge",
+                  f"productd_image_queue_age_seconds {job_stats['oldest_due_age']:.3f}"]
+    return lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from productd.store.record import unpack
+from productd.store.record import DONE, unpack
 
 _SECONDS: dict[int, str] = {}  # formatted whole seconds: products are often updated in the same second
 
@@ -32,7 +32,7 @@ def product_json(product_id: str, packed: bytes) -> dict:
         "user_id": p.user_id,
         "name": p.name,
         "description": p.description,
-        "images": list(p.images),
+        "images": images_json(p.images, p.image_results),
         "price": p.price,
         "stock": p.stock,
         "version": p.version,
@@ -40,3 +40,19 @@ def product_json(product_id: str, packed: bytes) -> dict:
         "updated_at": rfc3339(p.updated_at_ns),
         "etag": etag(p.revision),
     }
+
+
+def images_json(images: tuple, results: dict | None) -> list[dict]:
+    """Per image: its URL and state; a done one its rendition, a failed one the reason."""
+    out = []
+    for url in images:
+        result = results.get(url) if results else None
+        if result is None:
+            out.append({"url": url, "state": "pending"})
+        elif result[0] == DONE:
+            _, key, fmt, width, height, size = result
+            out.append({"url": url, "state": "done", "rendition": {
+                "url": f"/images/{key}", "format": fmt, "width": width, "height": height, "bytes": size}})
+        else:
+            out.append({"url": url, "state": "failed", "reason": result[1]})
+    return out

@@ -149,9 +149,28 @@ class Health:
     on_head = on_get
 
 
+async def image_workers(pool, job_file) -> list[dict]:
+    """A row per image worker: its pid, state and restarts from the pool board, and the job it
+    holds from the job file (cached; null when idle or unknown)."""
+    from productd.actors import pool as row
+
+    stats = await job_file.stats() if job_file is not None else None
+    running = stats["running"] if stats else {}
+    workers = []
+    for worker in range(pool.workers):
+        name = f"image-worker-{worker}"
+        workers.append({
+            "id": worker, "name": name, "pid": pool.get(worker, row.PID), "state": pool.state_name(worker),
+            "restarts": pool.get(worker, row.RESTARTS), "job": running.get(name),
+        })
+    return workers
+
+
 class Ready:
-    def __init__(self, client: ShardClient) -> None:
+    def __init__(self, client: ShardClient, pool=None, job_file=None) -> None:
         self.client = client
+        self.pool = pool  # productd.actors.pool.PoolBoard
+        self.job_file = job_file  # productd.http.image_jobs.JobFile
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """503 when a shard is not answering or the service stops; 200 "degraded" when every shard
@@ -182,6 +201,11 @@ class Ready:
             )
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         overall = "not_ready" if not ready else "degraded" if degraded else "ready"
-        resp.data = orjson.dumps({"status": overall, "shards": shards})
+        body = {"status": overall, "shards": shards}
+        if self.pool is not None:
+            # The pool does not decide readiness: without it the service serves every request,
+            # and images wait (their jobs are durable).
+            body["image_workers"] = await image_workers(self.pool, self.job_file)
+        resp.data = orjson.dumps(body)
 
     on_head = on_get

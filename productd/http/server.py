@@ -87,7 +87,7 @@ class GunicornServer(Application):
             client, self.stats,
             max_body_bytes=s.max_body_bytes, max_events=s.max_events, access_log=s.access_log,
             auth_token=s.auth_token, auth_reads=s.auth_reads,
-            change_history=s.change_history,
+            change_history=s.change_history, images=f.images, pool=f.pool,
         )
 
 

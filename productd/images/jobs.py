@@ -197,6 +197,54 @@ class JobQueue:
                                 (job.id, product_id))
         return job
 
+    def enqueue_many(self, pairs) -> list[tuple[str, str, tuple]]:
+        """Enqueue (url, product_id) pairs in one transaction (a shard's commit). A URL whose job
+        has ended already is not waited for: its (product_id, url, result) is returned for the
+        shard to apply at once, and no job_products row is left for it (a row from before, such
+        as one a worker without an inbox could not deliver, is deleted)."""
+        now = self.clock()
+        ended = []
+        with self._write():
+            for url, product_id in pairs:
+                self.db.execute(
+                    "INSERT INTO jobs (url, state, created_at, updated_at, next_attempt_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (url) DO NOTHING", (url, QUEUED, now, now, now))
+                job = self._job_by_url(url)
+                result = self.result_of(job)
+                if result is not None:  # applied by the shard now: a row left by an earlier ask waits no more
+                    ended.append((product_id, url, result))
+                    self.db.execute("DELETE FROM job_products WHERE job_id = ? AND product_id = ?",
+                                    (job.id, product_id))
+                else:
+                    self.db.execute("INSERT OR IGNORE INTO job_products (job_id, product_id) VALUES (?, ?)",
+                                    (job.id, product_id))
+        return ended
+
+    def result_of(self, job: Job) -> tuple | None:
+        """What a product shows for an ended job (protocol.ImageResult's result), None while it
+        is not ended: ("done", key, format, width, height, bytes) or ("failed", reason)."""
+        if job.state == DONE and job.result_key is not None:
+            r = self.rendition(job.result_key)
+            if r is not None:
+                return ("done", r.key, r.format, r.width, r.height, r.bytes)
+        if job.state == DEAD:
+            return ("failed", job.last_reason or "dead")
+        return None
+
+    def undelivered(self, limit: int = 100) -> list[tuple[Job, str]]:
+        """(ended job, product id) pairs whose result message is not known to be in the product's
+        inbox yet: a worker killed between recording the end and sending, or an inbox that was full."""
+        rows = self.db.execute(
+            f"SELECT {', '.join('j.' + c.strip() for c in _COLUMNS.split(','))}, p.product_id "
+            f"FROM job_products p JOIN jobs j ON j.id = p.job_id WHERE j.state IN ('done', 'dead') "
+            f"ORDER BY p.job_id LIMIT ?", (limit,))
+        return [(Job(*row[:-1]), row[-1]) for row in rows]
+
+    def delivered(self, job_id: int, product_id: str) -> None:
+        """The result for `product_id` is in its shard's inbox: forget that it waits."""
+        with self._write():
+            self.db.execute("DELETE FROM job_products WHERE job_id = ? AND product_id = ?", (job_id, product_id))
+
     # ---- workers ------------------------------------------------------------------------
 
     def take(self, owner: str, lease_seconds: float) -> Job | None:

@@ -1,8 +1,10 @@
-"""The image pipeline's settings, with the defaults docs/images.md proposes as `--image-*` options.
+"""The image pipeline's settings: one field per `--image-*` option of productd.config.
 
-productd.config does not declare these options yet (the integration session adds them there,
-with the README table and deploy/productd.env); `from_settings` already reads each one from a
-productd `Settings` by its future field name when it is there, so nothing here changes then.
+The options are declared once, in productd.config.OPTIONS (which drives the command line, the
+README table and deploy/productd.env); `from_settings` maps a productd `Settings` onto these
+fields by name (`image_<field>`). The defaults here are for code that builds an ImageSettings
+without a command line (`python -m productd.images.worker`, the tests); tests/test_config.py
+holds them equal to the options' defaults.
 """
 
 from __future__ import annotations
@@ -54,13 +56,21 @@ class ImageSettings:
         return str(jobs.path_in(self.data_dir))
 
 
-def from_settings(settings) -> ImageSettings:
-    """The image settings of a productd `Settings`: `image_<name>` fields where it has them."""
-    values = {"data_dir": settings.data_dir}
+def from_settings(settings, data_dir: str | None = None) -> ImageSettings:
+    """The image settings of a productd `Settings`: `image_<name>` fields where it has them.
+
+    `data_dir` replaces `settings.data_dir` (the supervisor's temporary directory with
+    `--durability none`, where the shards have no data dir but the pipeline needs one)."""
+    values = {"data_dir": settings.data_dir if data_dir is None else data_dir}
     for f in fields(ImageSettings):
         name = "image_" + f.name
         if f.name != "data_dir" and hasattr(settings, name):
             values[f.name] = getattr(settings, name)
-    if isinstance(values.get("allow_networks"), str):
-        values["allow_networks"] = tuple(n for n in values["allow_networks"].split(",") if n)
+    networks = values.get("allow_networks")
+    if networks is None:  # the option's default: none
+        values["allow_networks"] = ()
+    elif isinstance(networks, str):
+        values["allow_networks"] = tuple(n.strip() for n in networks.split(",") if n.strip())
+    else:
+        values["allow_networks"] = tuple(networks)
     return ImageSettings(**values)

@@ -6,8 +6,13 @@ front end), opens its own connection to the job file, and runs until SIGTERM, fi
 job in hand first (bounded by the download's total time limit). Killed outright, it leaves at
 most one job running, whose lease expires and which another worker then takes again.
 
-A job's outcome, once recorded, goes to `on_outcome(job, products, stored)` (a no-op for now):
-the integration session makes it the message to each waiting product's shard.
+A job's end (done or dead), once recorded, is sent to each product waiting for it through
+`sender` (productd.images.results.ResultSender: one protocol.ImageResult into the product's
+shard inbox); each job_products row is deleted only after its message is in the inbox, and on
+start and when idle the worker re-sends for ended jobs with rows left (a worker killed between
+recording and sending, an inbox that stayed full): delivery is at least once, and the shard
+applies a result twice to no effect. With no sender (tests, `python -m`), the rows stay for a
+worker that has one. `on_outcome(job, products, stored)` is still called for tests.
 
 `python -m productd.images.worker --data-dir DIR [--allow-private] ...` runs one worker in the
 foreground (the tests run it so; also handy to drain a queue by hand).
@@ -38,6 +43,7 @@ log = logging.getLogger("productd.images")
 
 EXIT_OK = 0
 STOP_POLL = 0.1  # seconds: how soon an idle worker notices SIGTERM
+RESEND_EVERY = 5.0  # seconds between an idle worker's looks for ended jobs whose results are not delivered
 
 
 def lower_priority(nice: int) -> None:
@@ -68,14 +74,58 @@ class InternalError(Exception):
 
 class Worker:
     def __init__(self, settings: ImageSettings, name: str | None = None,
-                 on_outcome: Callable[[Job, list[str], Stored | None], None] | None = None) -> None:
+                 on_outcome: Callable[[Job, list[str], Stored | None], None] | None = None,
+                 sender=None) -> None:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.queue = JobQueue(settings.jobs_path, settings.max_attempts, settings.backoff())
         self.store = DirectoryStore(settings.images_dir)
         self.limits = settings.limits()
         self.on_outcome = on_outcome or (lambda job, products, stored: None)
+        self.sender = sender
+        self.next_resend = 0.0  # at once: a predecessor may have died between recording and sending
         self.stopping = False
+
+    def deliver(self, job_id: int) -> int:
+        """Send an ended job's result to every product still waiting for it; the rows of those
+        whose message is in the inbox are deleted. The number sent."""
+        if self.sender is None:
+            return 0
+        job = self.queue.get(job_id)
+        result = None if job is None else self.queue.result_of(job)
+        if result is None:
+            return 0
+        sent = 0
+        for product_id in self.queue.products_of(job_id):  # read after the end: none asked too late is missed
+            if self.sender.send(product_id, job.url, result):
+                self.queue.delivered(job_id, product_id)
+                sent += 1
+            else:
+                log.warning("image result not delivered: the shard's inbox stayed full; sent again later",
+                            extra={"fields": {"job_id": job_id, "url": job.url, "product_id": product_id}})
+        return sent
+
+    def resend(self) -> int:
+        """Deliver what ended jobs still owe their products (see `deliver`)."""
+        if self.sender is None:
+            return 0
+        sent = 0
+        for job_id in sorted({job.id for job, _ in self.queue.undelivered()}):
+            sent += self.deliver(job_id)
+        return sent
+
+    def _resend_if_due(self) -> None:
+        now = time.monotonic()
+        if self.sender is None or now < self.next_resend:
+            return
+        self.next_resend = now + RESEND_EVERY
+        try:
+            sent = self.resend()
+        except sqlite3.Error as exc:
+            log.error("image worker cannot re-send results: %s", exc, extra={"fields": {"worker": self.name}})
+            return
+        if sent:
+            log.info("image results re-sent", extra={"fields": {"worker": self.name, "sent": sent}})
 
     def run(self, until_idle: bool = False) -> int:
         """Work until asked to stop (or, with `until_idle`, until no job is due)."""
@@ -87,6 +137,7 @@ class Worker:
                 self._idle(1.0)
                 continue
             if job is None:
+                self._resend_if_due()
                 if until_idle:
                     break
                 self._idle(self.settings.idle_wait)
@@ -152,7 +203,14 @@ class Worker:
                         extra={"fields": context})
             return None
         self.on_outcome(job, products, stored)
+        self._deliver(job)
         return DONE
+
+    def _deliver(self, job: Job) -> None:
+        try:
+            self.deliver(job.id)
+        except (sqlite3.Error, OSError) as exc:  # the rows stay: the idle re-send delivers them
+            log.error("image result delivery failed: %s", exc, extra={"fields": {"job_id": job.id, "url": job.url}})
 
     def _failed(self, job: Job, products: list[str], context: dict,
                 exc: FetchError | RenderError | InternalError) -> str | None:
@@ -160,15 +218,17 @@ class Worker:
         if state == DEAD:
             log.error("image job dead-lettered: %s", exc.detail, extra={"fields": {**context, "reason": exc.reason}})
             self.on_outcome(job, products, None)
+            self._deliver(job)
         elif state is None:
             log.warning("image job lease lost before its failure was recorded", extra={"fields": context})
         return state
 
 
-def run_worker(settings: ImageSettings, name: str | None = None) -> int:
-    """The body of one image worker process; returns its exit code (0 after SIGTERM)."""
+def run_worker(settings: ImageSettings, name: str | None = None, sender=None) -> int:
+    """The body of one image worker process; returns its exit code (0 after SIGTERM). `sender`
+    (a productd.images.results.ResultSender) takes the results to the shards; None: not sent."""
     lower_priority(settings.nice)
-    worker = Worker(settings, name)
+    worker = Worker(settings, name, sender=sender)
 
     def stop(signum, frame) -> None:
         worker.stopping = True

@@ -64,7 +64,10 @@ def apply(
     described = values["description"] is not None or bool(values["images"])
     if (user_id is None) != (name is None) or (described and user_id is None):
         return INVALID, "a catalogued product needs both user_id and name"
-    details = None if user_id is None else (user_id, name, values["description"], tuple(values["images"]))
+    # An image kept in the new list keeps its result (results are per URL); pack_fields drops the
+    # results of URLs no longer shown, so a job of the old list can never show on the new one.
+    results = None if current is None else unpack(current).image_results
+    details = None if user_id is None else (user_id, name, values["description"], tuple(values["images"]), results)
     record = pack_fields(values["price"], values["stock"], version, now_ns, created_at_ns, revision, details)
     return (CREATED if current is None else OK), record
 

@@ -4,7 +4,7 @@ A record is a 48-byte core, then the product's catalogue details if it has any:
 
     price (float64, NaN = never set) | stock | version (int64, -1 = never set)
     | updated_at | created_at (int64 nanoseconds since the epoch) | revision (int64)
-    [ msgpack (user_id, name, description, images) ]
+    [ msgpack (user_id, name, description, images[, image_results]) ]
 
 A bare product (one only events have touched) is the core alone: packing keeps a million of
 them in the memory budget, where a tuple of boxed numbers costs about three times as much.
@@ -12,6 +12,11 @@ The revision is the owning shard's change sequence number of the product's last 
 (productd.store.changes): it changes with every change applied, events included, and is what
 the product's ETag shows. A product's catalogue details exist only together with its owner
 (`user_id`) and `name`.
+
+The details tail is versioned by its length: four items is the form from before the image
+pipeline (every image pending), five adds `image_results`, a map url -> result of the images
+whose job has ended: ("done", key, format, width, height, bytes) or ("failed", reason). Only
+URLs in `images` have a result; a URL without one is pending (docs/images.md).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class Product(NamedTuple):
     name: str | None = None
     description: str | None = None
     images: tuple[str, ...] = ()
+    image_results: dict | None = None  # url -> result tuple; None or absent: every image pending
+
+
+DONE, FAILED = "done", "failed"  # the states of an image result; no result is "pending"
 
 
 def merge(
@@ -107,7 +116,12 @@ def pack_fields(
     )
     if details is None:
         return core
-    user_id, name, description, images = details
+    user_id, name, description, images, *rest = details
+    results = rest[0] if rest else None
+    if results:  # only the URLs shown have a result; none at all keeps the four-item form
+        results = {url: tuple(results[url]) for url in images if url in results}
+    if results:
+        return core + _packb((user_id, name, description, tuple(images), results))
     return core + _packb((user_id, name, description, tuple(images)))
 
 
@@ -132,7 +146,7 @@ def revision(packed: bytes) -> int:
 
 
 def details(packed: bytes) -> tuple | None:
-    """(user_id, name, description, images) or None for a bare product."""
+    """(user_id, name, description, images[, image_results]) or None for a bare product."""
     if len(packed) == CORE_SIZE:
         return None
     return tuple(msgpack.unpackb(packed[CORE_SIZE:], raw=False, use_list=False))
@@ -151,3 +165,31 @@ def unpack(packed: bytes) -> Product:
     if len(packed) == CORE_SIZE:
         return Product(*core)
     return Product(*core, *msgpack.unpackb(packed[CORE_SIZE:], raw=False, use_list=False))
+
+
+def with_image_result(packed: bytes, url: str, result: tuple, now_ns: int, revision: int) -> bytes | None:
+    """The record with `result` for image `url`, as a change (new revision and updated_at);
+    None when it changes nothing: no such product details, `url` not among its images (the
+    list was replaced since the job was queued), or the same result already there."""
+    if len(packed) == CORE_SIZE:
+        return None
+    user_id, name, description, images, *rest = details(packed)
+    if url not in images:
+        return None
+    results = dict(rest[0]) if rest and rest[0] else {}
+    result = tuple(result)
+    if results.get(url) == result:
+        return None
+    results[url] = result
+    price, stock, version, _, created_at_ns, _ = _unpack_core(packed)
+    core = _pack_core(price, stock, version, now_ns, created_at_ns, revision)
+    return core + _packb((user_id, name, description, images, results))
+
+
+def pending_images(packed: bytes) -> list[str]:
+    """The image URLs of a record that have no result yet."""
+    if len(packed) == CORE_SIZE:
+        return []
+    _, _, _, images, *rest = details(packed)
+    results = rest[0] if rest and rest[0] else {}
+    return [url for url in images if url not in results]

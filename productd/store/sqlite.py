@@ -8,8 +8,8 @@ Product columns are plain SQL types so an operator can read a shard with the sql
 
 A change row holds the product's packed record after the change (productd.store.record; NULL
 for a delete, with the deleted product's owner beside it). Schema 1 (before the catalogue) and 2
-(before deletes kept their owner and reshards their history) are upgraded in place at the first
-start.
+(before deletes kept their owner and reshards their history) and 3 (before the image results'
+column, image_results) are upgraded in place at the first start.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from productd.store.record import CORE_SIZE, UNSET, details, pack_fields, unpack_fields
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 3: a delete's owner in changes; 4: image_results
 BUSY_TIMEOUT = 1.0  # seconds
 # The shard's checkpointer folds the WAL into the file off the shard's loop once the WAL holds
 # this much, looking every CHECKPOINT_EVERY seconds. SQLite's own checkpoint (every 1,000 pages,
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS products (
     user_id TEXT,          -- NULL for a bare product (events only), with name, description, images
     name TEXT,
     description TEXT,
-    images TEXT            -- a JSON array of URLs
+    images TEXT,           -- a JSON array of URLs
+    image_results TEXT     -- NULL or a JSON object: url -> [state, ...] (store.record), schema 4
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY,
@@ -72,7 +73,14 @@ ALTER TABLE products ADD COLUMN images TEXT;
 _UPGRADE_FROM_2 = """
 ALTER TABLE changes ADD COLUMN owner TEXT;
 """
-_COLUMNS = "id, price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description, images"
+_UPGRADE_FROM_3 = """
+ALTER TABLE products ADD COLUMN image_results TEXT;
+"""
+# What brings a file of each earlier schema to this one (schema 1 has no changes table yet:
+# _SCHEMA makes it, with the owner column).
+_UPGRADES = {1: _UPGRADE_FROM_1 + _UPGRADE_FROM_3, 2: _UPGRADE_FROM_2 + _UPGRADE_FROM_3, 3: _UPGRADE_FROM_3}
+_COLUMNS = ("id, price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description, images, "
+            "image_results")
 
 
 class StoreFileError(Exception):
@@ -95,8 +103,8 @@ class ShardFile:
             # FULL fsyncs the WAL at every commit (an acknowledged event survives power loss);
             # NORMAL survives a crash of the process, which is what batch mode promises.
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
-            if version in (1, 2):  # schema 1 has no changes table yet: _SCHEMA makes it
-                self._upgrade(_UPGRADE_FROM_1 if version == 1 else _UPGRADE_FROM_2)
+            if version in _UPGRADES:
+                self._upgrade(_UPGRADES[version])
             self.db.executescript(_SCHEMA)
             if version == 0:
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -164,8 +172,9 @@ class ShardFile:
         """Every product as (id, packed record)."""
         try:
             for (product_id, price, stock, version, updated_at_ns, created_at_ns, revision,
-                 user_id, name, description, images) in self.db.execute(f"SELECT {_COLUMNS} FROM products"):
-                described = None if user_id is None else (user_id, name, description, tuple(json.loads(images or "[]")))
+                 user_id, name, description, images, results) in self.db.execute(f"SELECT {_COLUMNS} FROM products"):
+                described = None if user_id is None else (user_id, name, description, tuple(json.loads(images or "[]")),
+                                                          json.loads(results) if results else None)
                 yield product_id, pack_fields(price, stock, version, updated_at_ns, created_at_ns, revision, described)
         except (sqlite3.DatabaseError, ValueError) as exc:
             raise StoreFileError(f"{self.path} is corrupt: {exc}") from exc
@@ -210,7 +219,7 @@ class ShardFile:
         db = self.db
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if gone:
                 db.executemany("DELETE FROM products WHERE id = ?", gone)
             owned = owners or {}
@@ -294,7 +303,7 @@ def _check_version(db: sqlite3.Connection, path: str) -> int:
     return version
 
 
-_NO_DETAILS = (None, None, None, None)
+_NO_DETAILS = (None, None, None, None, None)
 
 
 def _sql_fields(packed: bytes) -> tuple:
@@ -302,8 +311,9 @@ def _sql_fields(packed: bytes) -> tuple:
     if len(packed) == CORE_SIZE:
         described = _NO_DETAILS
     else:
-        user_id, name, description, images = details(packed)
-        described = (user_id, name, description, json.dumps(images))
+        user_id, name, description, images, *rest = details(packed)
+        results = rest[0] if rest and rest[0] else None
+        described = (user_id, name, description, json.dumps(images), None if results is None else json.dumps(results))
     return (
         None if math.isnan(price) else price,
         None if stock == UNSET else stock,
