@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from productd.cluster import pgstore  # noqa: E402
-from productd.store.record import pack_fields, unpack  # noqa: E402
+from productd.store.record import pack_fields, unpack, with_image_result  # noqa: E402
 from productd.store.sqlite import ShardFile  # noqa: E402
 
 URL = os.environ.get("PRODUCTD_TEST_DATABASE", "postgresql://postgres@127.0.0.1:5432/test")
@@ -250,6 +250,8 @@ def test_load_packs_as_the_sqlite_shard_file_does(conn, tmp_path):
         ("described", pack_fields(1.5, 0, None, 20, 10, 5, ("user-1", "Näme", None, ("https://a/1.png", "https://a/2")))),
         ("empty-images", pack_fields(0.0, 1, 2, 30, 30, 6, ("u", "n", "d", ()))),
         ("extremes", pack_fields(1e300, 2**63 - 1, 2**63 - 1, 2**62, 1, 7, None)),
+        ("imaged", with_image_result(pack_fields(2.0, 1, None, 40, 40, 8, ("u", "n", None, ("https://a/1", "https://a/2"))),
+                                     "https://a/1", ("done", "ab" * 32 + ".webp", "webp", 10, 20, 300), 41, 9)),
     ]
     store.save(0, store.take(0, "o"), records)
     shard_file = ShardFile(str(tmp_path / "shard.sqlite3"), sync=False)

@@ -48,6 +48,7 @@ MIGRATIONS: tuple[str, ...] = (
         name text,
         description text,
         images jsonb,             -- a JSON array of URLs
+        image_results jsonb,      -- NULL or url -> [state, ...] (productd.store.record), as sqlite.py
         deleted boolean NOT NULL DEFAULT false, -- a tombstone: its revision still guards (see PgStore.save)
         PRIMARY KEY (shard, product_id)
     );
@@ -64,7 +65,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK = 0x70726F64  # "prod": one migration at a time per database (pg_advisory_xact_lock)
 _COLUMNS = ("product_id, price, stock, version, updated_at_ns, created_at_ns, revision, "
-            "user_id, name, description, images")
+            "user_id, name, description, images, image_results")
 
 
 class DatabaseError(Exception):
@@ -153,7 +154,7 @@ def check(conn: psycopg.Connection, shards: int, name: str = "default") -> None:
     _check_layout(conn, shards, name)
 
 
-_NO_DETAILS = (None, None, None, None)
+_NO_DETAILS = (None, None, None, None, None)
 _TOMBSTONE = (None, None, None, 0, 0)  # price, stock, version, updated_at_ns, created_at_ns of a deleted product
 
 
@@ -163,8 +164,10 @@ def _sql_fields(packed: bytes) -> tuple:
     if len(packed) == CORE_SIZE:
         described = _NO_DETAILS
     else:
-        user_id, name, description, images = details(packed)
-        described = (user_id, name, description, json.dumps(list(images)))
+        user_id, name, description, images, *rest = details(packed)
+        results = rest[0] if rest and rest[0] else None
+        described = (user_id, name, description, json.dumps(list(images)),
+                     None if results is None else json.dumps(results))
     return (
         None if math.isnan(price) else price,
         None if stock == UNSET else stock,
@@ -262,7 +265,7 @@ class PgStore:
             "CREATE TEMPORARY TABLE IF NOT EXISTS productd_incoming ("
             "product_id text, price double precision, stock bigint, version bigint, updated_at_ns bigint, "
             "created_at_ns bigint, revision bigint, user_id text, name text, description text, images jsonb, "
-            "deleted boolean"
+            "image_results jsonb, deleted boolean"
             ") ON COMMIT DELETE ROWS"
         )
         with conn.cursor().copy(f"COPY productd_incoming ({_COLUMNS}, deleted) FROM STDIN") as copy:
@@ -274,7 +277,8 @@ class PgStore:
             "price = excluded.price, stock = excluded.stock, version = excluded.version, "
             "updated_at_ns = excluded.updated_at_ns, created_at_ns = excluded.created_at_ns, "
             "revision = excluded.revision, user_id = excluded.user_id, name = excluded.name, "
-            "description = excluded.description, images = excluded.images, deleted = excluded.deleted "
+            "description = excluded.description, images = excluded.images, image_results = excluded.image_results, "
+            "deleted = excluded.deleted "
             "WHERE excluded.revision > products.revision",
             (shard,),
         )
@@ -286,6 +290,7 @@ class PgStore:
             cursor.itersize = batch
             cursor.execute(f"SELECT {_COLUMNS} FROM products WHERE shard = %s AND NOT deleted", (shard,))
             for (product_id, price, stock, version, updated_at_ns, created_at_ns, revision,
-                 user_id, name, description, images) in cursor:
-                described = None if user_id is None else (user_id, name, description, tuple(images or ()))
+                 user_id, name, description, images, results) in cursor:
+                described = None if user_id is None else (user_id, name, description, tuple(images or ()),
+                                                          results or None)
                 yield product_id, pack_fields(price, stock, version, updated_at_ns, created_at_ns, revision, described)
