@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:  # after the others, so that --help lists the flags last
         if option.flag:
             serve.add_argument(f"--{option.name}", action="store_true", help=f"{option.help} [env {option.env}=1]")
+    # The cluster schema's command lives with the cluster (productd.cluster.migrate); main() hands it its arguments.
+    commands.add_parser("migrate", add_help=False, help="create or upgrade a cluster's PostgreSQL schema")
     return parser
 
 
@@ -86,6 +88,11 @@ def read_token(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["migrate"]:
+        from productd.cluster.migrate import main as migrate
+
+        return migrate(args_in[1:])
     settings = parse_settings(argv)
     logs.setup(settings.log_level, settings.log_format)
     if settings.gunicorn_config and not os.path.isfile(settings.gunicorn_config):
