@@ -8,12 +8,15 @@ supervisor's pool."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import requests
 from service import TIMEOUT, uid
+from test_durability import crash
 from test_images import ImageServer, _settings, _worker_process
 
 from productd.images.jobs import DEAD, DONE, JobQueue
@@ -150,3 +153,39 @@ def test_with_the_pool_a_list_replaced_while_its_job_runs_never_shows_the_old_re
         assert [i["url"] for i in _doc(svc, pid)["images"]] == [photo]
         time.sleep(0.1)
     assert _doc(svc, pid)["images"] == doc["images"]
+
+
+def test_kill_9_of_a_worker_mid_download_and_of_the_whole_service_loses_no_job(start_service, images, tmp_path):
+    """With sync durability a 201 means committed: whatever is killed afterwards, every image of
+    the product ends done. A worker killed mid-download leaves its job to be taken again once
+    its lease (3 s here) runs out; the whole service killed right after a create leaves jobs the
+    restart's load-time scan queues (or finds queued)."""
+    data = tmp_path / "data"
+
+    def start():
+        return start_service(shards=2, workers=1, env={"PRODUCTD_DURABILITY": "sync"}, extra_args=[
+            "--data-dir", str(data), "--image-workers", "1", "--image-allow-private",
+            "--image-total-timeout", "2", "--image-lease", "3"])
+
+    svc = start()
+    hang, photo = images.url("/hang/photo.jpg"), images.url("/img/photo.jpg")
+    first = uid("k9")
+    _create(svc, first, [hang, photo])
+    assert images.hang_started.wait(DEADLINE)  # the worker is mid-download
+    [worker] = svc.readyz().json()["image_workers"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    images.hang_release.set()  # the next attempt gets the whole image
+    doc = _wait("both images done after the worker's kill",
+                lambda: (d := _doc(svc, first)) and set(_states(d).values()) == {"done"} and d)
+    assert images.hits["/hang/photo.jpg"] >= 2  # taken again after the lease
+    assert svc.readyz().json()["image_workers"][0]["pid"] != worker["pid"]
+
+    second = uid("k9")
+    more = [images.url("/img/portrait.jpg"), images.url("/img/cutout.png"), images.url("/flaky/1/photo.jpg")]
+    _create(svc, second, more)
+    crash(svc)  # every process of the service, at once, right after the 201
+    svc = start()
+    again = _wait("every image of the product created before the crash done",
+                  lambda: (d := _doc(svc, second)) and set(_states(d).values()) == {"done"} and d)
+    assert [i["url"] for i in again["images"]] == more
+    assert _doc(svc, first)["images"] == doc["images"]
