@@ -154,6 +154,24 @@ def test_a_url_whose_job_ended_is_applied_at_once(tmp_path):
     assert queue.products_of(queue.by_url(A).id) == [] and queue.products_of(queue.by_url(C).id) == ["p2"]
 
 
+def test_a_retried_dead_job_reaches_the_products_that_were_shown_its_failure(tmp_path):
+    queue = JobQueue(ImageSettings(data_dir=str(tmp_path)).jobs_path)
+    queue.enqueue(B, "p1")
+    job = queue.take("w", 60)
+    assert queue.fail(job, "http-5xx", "503", transient=False) == DEAD
+    assert [(j.id, p) for j, p in queue.undelivered()] == [(job.id, "p1")]
+    queue.delivered(job.id, "p1")  # p1 shows the failure
+    assert queue.enqueue_many([(B, "p2")]) == [("p2", B, ("failed", "http-5xx"))]  # p2 is shown it at once
+    assert queue.undelivered() == [] and queue.products_of(job.id) == []
+    assert queue.retry(job.id).state == "queued"
+    assert queue.products_of(job.id) == ["p1", "p2"]  # both wait for the retry
+    assert queue.complete(queue.take("w", 60), _stored(), 1000)
+    assert sorted(p for _, p in queue.undelivered()) == ["p1", "p2"]
+    queue.delivered(job.id, "p1")
+    queue.delivered(job.id, "p2")
+    assert queue.retry(job.id) is None and queue.products_of(job.id) == []  # done: nothing to re-drive
+
+
 def test_a_durable_shard_enqueues_after_the_commit_and_its_load_queues_what_is_pending(tmp_path):
     path = str(tmp_path / "shard-0.sqlite3")
     queue = JobQueue(ImageSettings(data_dir=str(tmp_path)).jobs_path)

@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS job_products (
     product_id TEXT NOT NULL,
     PRIMARY KEY (job_id, product_id)
 ) WITHOUT ROWID;
+-- Products shown a dead job's failure: a retry of the job makes them wait for it again.
+CREATE TABLE IF NOT EXISTS failed_products (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    product_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, product_id)
+) WITHOUT ROWID;
 """
 
 
@@ -213,8 +219,7 @@ class JobQueue:
                 result = self.result_of(job)
                 if result is not None:  # applied by the shard now: a row left by an earlier ask waits no more
                     ended.append((product_id, url, result))
-                    self.db.execute("DELETE FROM job_products WHERE job_id = ? AND product_id = ?",
-                                    (job.id, product_id))
+                    self._shown(job, product_id)
                 else:
                     self.db.execute("INSERT OR IGNORE INTO job_products (job_id, product_id) VALUES (?, ?)",
                                     (job.id, product_id))
@@ -243,7 +248,14 @@ class JobQueue:
     def delivered(self, job_id: int, product_id: str) -> None:
         """The result for `product_id` is in its shard's inbox: forget that it waits."""
         with self._write():
-            self.db.execute("DELETE FROM job_products WHERE job_id = ? AND product_id = ?", (job_id, product_id))
+            self._shown(self.get(job_id), product_id)
+
+    def _shown(self, job: Job | None, product_id: str) -> None:
+        """`product_id` waits for `job` no more; if the job is dead, remember it for a retry."""
+        self.db.execute("DELETE FROM job_products WHERE job_id = ? AND product_id = ?", (job.id, product_id))
+        if job.state == DEAD:
+            self.db.execute("INSERT OR IGNORE INTO failed_products (job_id, product_id) VALUES (?, ?)",
+                            (job.id, product_id))
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -323,13 +335,17 @@ class JobQueue:
     # ---- administration -----------------------------------------------------------------
 
     def retry(self, job_id: int) -> Job | None:
-        """Re-drive a dead job: queued, due now, with a fresh count of attempts. None if it is
-        not dead (or unknown)."""
+        """Re-drive a dead job: queued, due now, with a fresh count of attempts, and the products
+        that were shown its failure waiting for it again. None if it is not dead (or unknown)."""
         now = self.clock()
         with self._write():
             row = self.db.execute(
                 f"UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ? "
                 f"WHERE id = ? AND state = ? RETURNING {_COLUMNS}", (QUEUED, now, now, job_id, DEAD)).fetchone()
+            if row is not None:
+                self.db.execute("INSERT OR IGNORE INTO job_products (job_id, product_id) "
+                                "SELECT job_id, product_id FROM failed_products WHERE job_id = ?", (job_id,))
+                self.db.execute("DELETE FROM failed_products WHERE job_id = ?", (job_id,))
         return None if row is None else Job(*row)
 
     def get(self, job_id: int) -> Job | None:
