@@ -20,9 +20,9 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -77,10 +77,12 @@ def mixed(count: int, offset: int = 0) -> list[bytes]:
 
 
 class ImageServer:
-    """Serves /img/<n> from memory on 127.0.0.1."""
+    """Serves the images of `sets` ({prefix: bodies}) as /img/<prefix>-<n> from memory on
+    127.0.0.1, in a process of its own (forked): serving in a thread of this process would take
+    the worker's GIL and bill the pipeline for the server's work."""
 
-    def __init__(self, bodies: dict[str, bytes]) -> None:
-        self.bodies = bodies
+    def __init__(self, sets: dict[str, list[bytes]]) -> None:
+        self.bodies = {f"/img/{prefix}-{i}": body for prefix, bodies in sets.items() for i, body in enumerate(bodies)}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(handler):  # noqa: N805 - the handler's self
@@ -93,14 +95,22 @@ class ImageServer:
             def log_message(handler, *args):  # noqa: N805
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_port}"
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{httpd.server_port}"
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                httpd.serve_forever()
+            finally:
+                os._exit(0)
+        httpd.server_close()
 
-    def add(self, prefix: str, bodies: list[bytes]) -> list[str]:
-        paths = [f"/img/{prefix}-{i}" for i in range(len(bodies))]
-        self.bodies.update(zip(paths, bodies, strict=True))
-        return [self.base + path for path in paths]
+    def urls(self, prefix: str, count: int) -> list[str]:
+        return [f"{self.base}/img/{prefix}-{i}" for i in range(count)]
+
+    def close(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
 
 
 def pillow_alone(bodies: list[bytes]) -> float:
@@ -135,9 +145,9 @@ def stored_bytes(data_dir: str) -> int:
     return total
 
 
-def throughput(server: ImageServer, count: int) -> dict:
-    bodies = mixed(count)
-    urls = server.add("mixed", bodies)
+def throughput(server: ImageServer, bodies: list[bytes]) -> dict:
+    count = len(bodies)
+    urls = server.urls("mixed", count)
     ceilings, workers = [], []
     with tempfile.TemporaryDirectory(prefix="bench-images-") as first, \
             tempfile.TemporaryDirectory(prefix="bench-images-") as second:
@@ -169,7 +179,7 @@ def queued(port: int) -> int:
 
 
 def front_end(server: ImageServer, seconds: float) -> dict:
-    urls = server.add("busy", [photo(10_000 + i, 1600, 1200) for i in range(BUSY_IMAGES)])
+    urls = server.urls("busy", BUSY_IMAGES)
     productd = live.productd_server(extra=["--image-allow-private"])
     productd.start()
     try:
@@ -196,9 +206,13 @@ def front_end(server: ImageServer, seconds: float) -> dict:
 
 def main() -> int:
     seconds = live.bench_seconds()
-    server = ImageServer({})
-    result = {"throughput": throughput(server, live.env_int("BENCH_IMAGES", 48)),
-              "front_end": front_end(server, seconds), "loadavg": live.loadavg()}
+    bodies = mixed(live.env_int("BENCH_IMAGES", 48))
+    server = ImageServer({"mixed": bodies, "busy": [photo(10_000 + i, 1600, 1200) for i in range(BUSY_IMAGES)]})
+    try:
+        result = {"throughput": throughput(server, bodies), "front_end": front_end(server, seconds),
+                  "loadavg": live.loadavg()}
+    finally:
+        server.close()
     print(json.dumps(result, indent=2))
     return 0
 
