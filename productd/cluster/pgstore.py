@@ -16,13 +16,11 @@ The upsert's guard is the revision, not the event version: see `save`.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Iterator
 
 import psycopg
 
-from productd.store.record import CORE_SIZE, UNSET, details, pack_fields, unpack_fields
+from productd.store.record import NO_DETAILS_COLUMNS, columns, pack_fields
 
 # Each step brings the schema from version i to i + 1; a step is never edited once released,
 # only followed by a new one.
@@ -154,29 +152,9 @@ def check(conn: psycopg.Connection, shards: int, name: str = "default") -> None:
     _check_layout(conn, shards, name)
 
 
-_NO_DETAILS = (None, None, None, None, None)
 _TOMBSTONE = (None, None, None, 0, 0)  # price, stock, version, updated_at_ns, created_at_ns of a deleted product
 
 
-def _sql_fields(packed: bytes) -> tuple:
-    """A packed record as SQL values, the inverse of what `load` packs (as sqlite.py's _sql_fields)."""
-    price, stock, version, updated_at_ns, created_at_ns, revision = unpack_fields(packed)
-    if len(packed) == CORE_SIZE:
-        described = _NO_DETAILS
-    else:
-        user_id, name, description, images, *rest = details(packed)
-        results = rest[0] if rest and rest[0] else None
-        described = (user_id, name, description, json.dumps(list(images)),
-                     None if results is None else json.dumps(results))
-    return (
-        None if math.isnan(price) else price,
-        None if stock == UNSET else stock,
-        None if version == UNSET else version,
-        updated_at_ns,
-        created_at_ns,
-        revision,
-        *described,
-    )
 
 
 class PgStore:
@@ -238,11 +216,11 @@ class PgStore:
         for product_id, packed in records:
             latest.pop(product_id, None)  # last wins, and goes to the end
             latest[product_id] = packed
-        rows = [(product_id, *_sql_fields(packed), False)
+        rows = [(product_id, *columns(packed), False)
                 for product_id, packed in latest.items() if packed is not None]
         if seq is None:
             seq = max((row[6] for row in rows), default=0)
-        rows += [(product_id, *_TOMBSTONE, seq, *_NO_DETAILS, True)
+        rows += [(product_id, *_TOMBSTONE, seq, *NO_DETAILS_COLUMNS, True)
                  for product_id, packed in latest.items() if packed is None]
         conn = self.conn
         with conn.transaction():

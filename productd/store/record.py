@@ -21,6 +21,7 @@ URLs in `images` have a result; a URL without one is pending (docs/images.md).
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from typing import NamedTuple
@@ -193,3 +194,28 @@ def pending_images(packed: bytes) -> list[str]:
     _, _, _, images, *rest = details(packed)
     results = rest[0] if rest and rest[0] else {}
     return [url for url in images if url not in results]
+
+
+NO_DETAILS_COLUMNS = (None, None, None, None, None)  # user_id, name, description, images, image_results
+
+
+def columns(packed: bytes) -> tuple:
+    """The record as the plain column values both stores keep (the shard file, PostgreSQL):
+    price, stock, version, updated_at_ns, created_at_ns, revision, user_id, name, description,
+    images (JSON text), image_results (JSON text or None); None where a field was never set."""
+    price, stock, version, updated_at_ns, created_at_ns, revision = _unpack_core(packed)
+    if len(packed) == CORE_SIZE:
+        described = NO_DETAILS_COLUMNS
+    else:
+        user_id, name, description, images, *rest = details(packed)
+        results = rest[0] if rest and rest[0] else None
+        described = (user_id, name, description, json.dumps(images), None if results is None else json.dumps(results))
+    return (
+        None if math.isnan(price) else price,
+        None if stock == UNSET else stock,
+        None if version == UNSET else version,
+        updated_at_ns,
+        created_at_ns,
+        revision,
+        *described,
+    )
