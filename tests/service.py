@@ -45,6 +45,7 @@ SHARD_SERIES = (
     "productd_shard_state_lost_total",
     "productd_commits_total",
     "productd_replies_dropped_total",
+    "productd_image_results_dropped_total",
     "productd_inbox_skipped_bytes_total",
     "productd_inbox_bytes",
     "productd_shard_up",

@@ -153,6 +153,8 @@ def test_with_the_pool_a_list_replaced_while_its_job_runs_never_shows_the_old_re
         assert [i["url"] for i in _doc(svc, pid)["images"]] == [photo]
         time.sleep(0.1)
     assert _doc(svc, pid)["images"] == doc["images"]
+    # The old job's result reached the shard and was dropped, which /metrics counts.
+    _wait("the dropped result counted", lambda: svc.metric_sum("productd_image_results_dropped_total") >= 1)
 
 
 def test_kill_9_of_a_worker_mid_download_and_of_the_whole_service_loses_no_job(start_service, images, tmp_path):

@@ -457,10 +457,12 @@ class ShardCounters(NamedTuple):
     commits: int
     dropped_replies: int
     skipped_bytes: int
+    image_results_dropped: int  # results for images the product no longer shows
 
 
 _COUNTER_FIELDS = (status.RECEIVED, status.APPLIED, status.STALE, status.READS, status.COMMITS,
-                   status.DROPPED_REPLIES, status.SKIPPED_BYTES)  # in ShardCounters' order
+                   status.DROPPED_REPLIES, status.SKIPPED_BYTES,
+                   status.IMAGE_RESULTS_DROPPED)  # in ShardCounters' order
 
 
 class ApplyDelay(NamedTuple):
