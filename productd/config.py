@@ -196,6 +196,25 @@ OPTIONS: tuple[Option, ...] = (
            parse=Seconds(0, 60, closed=False)),
     Option("image-nice", 10, "niceness added to each image worker (which also runs SCHED_BATCH)",
            parse=Integer(0, 19)),
+    # The multi-host mode (docs/cluster.md): shard queues on RabbitMQ, shard state in PostgreSQL.
+    # Without --broker, productd is the single-host service above and ignores the rest of these.
+    Option("broker", None, "amqp://user:password@host:port/vhost of the RabbitMQ that carries the shard queues "
+           "(default: none, one host with its own inboxes)"),
+    Option("database", None, "postgresql://... URL of the cluster's database (needed with --broker; create it "
+           "with productd migrate)"),
+    Option("cluster", "default", "the cluster's name: its queues are productd.NAME.shard.K (as given to "
+           "productd migrate)"),
+    Option("role", "both", "with --broker: frontend (HTTP only), owner (shard owners only) or both",
+           choices=("both", "frontend", "owner")),
+    Option("owner-hosts", 1, "with --broker: how many owner hosts share the shards", parse=Integer(1, 64)),
+    Option("owner-index", 0, "with --broker: this owner host's place among them, 0..owner-hosts-1; it prefers "
+           "the shards whose number modulo --owner-hosts is --owner-index", parse=Integer(0, 63)),
+    Option("heartbeat", 5.0, "with --broker: AMQP heartbeat seconds; the broker gives a silent host's shards "
+           "to another after about two of them", parse=Seconds(1, 600, closed=True)),
+    Option("queue-length", 100_000, "with --broker: most messages waiting in a shard queue; more gets 503",
+           parse=Integer(1, 100_000_000)),
+    Option("prefetch", 2000, "with --broker: most messages an owner holds unacknowledged (applied, not "
+           "yet committed)", parse=Integer(1, 1_000_000)),
     Option("auth-token-file", None, "file holding the bearer token that POST /events requires (default: no auth)"),
     Option("reshard", False, "move every product to the --shards count when it differs from the data dir's",
            parse=None),

@@ -47,6 +47,7 @@ SAMPLES = {
         protocol.ImageResult("prod-3", "https://x/y.jpg", ("done", "a" * 64 + ".webp", "webp", 1024, 768, 29000)),
         protocol.ImageResult("x", "http://h/", ("failed", "http-4xx")),
     ],
+    protocol.Ping: [protocol.Ping("host-a:1234"), protocol.Ping("")],
 }
 
 

@@ -388,6 +388,12 @@ class ShardClient:
 
     # ---- what the HTTP side reads of the shards' health (/ready, /metrics): from here, not the board
 
+    cluster = False  # productd.cluster.client.ClusterClient: the multi-host mode
+
+    async def refresh(self) -> None:
+        """Bring the health figures up to date before /readyz or /metrics reads them: nothing to
+        do here, the status board is live."""
+
     @property
     def stopping(self) -> bool:
         """True once the service has begun to stop: no new events are taken."""

@@ -243,6 +243,25 @@ class ImageResult(NamedTuple):
         return _packb((IMAGE_RESULT, product_id, url, tuple(result)))
 
 
+PING = 9
+
+
+@message
+class Ping(NamedTuple):
+    """The multi-host mode (productd.cluster.owner): an owner process that is not the active
+    consumer of its shard's queue publishes one now and then. Whoever is active reads it, which
+    is how a consumer the broker made active learns so while the queue is otherwise empty. It
+    changes nothing and is never answered."""
+
+    owner: str
+
+    KIND = PING
+
+    @staticmethod
+    def pack(owner: str) -> bytes:
+        return _packb((PING, owner))
+
+
 # Room a Part header takes beside its reply address and chunk: fixarray, kind, bin header of the
 # address (3), request id (9), the flag and the chunk's bin header (3) is 18; rounded up.
 PART_HEADER_ROOM = 32

@@ -100,6 +100,9 @@ class Shard:
         self.durability = durability
         self.commit_interval = commit_interval
         self.file = ShardFile(path, sync=durability == "sync") if durability != "none" and path else None
+        # Nothing to commit: changes count as saved once applied. A subclass that commits
+        # elsewhere (productd.cluster.owner) turns it off.
+        self.memory_only = self.file is None
         self.dirty: set[str] = set()
         self.uncommitted_events = 0  # applied events behind `dirty`, for the log of a stop that cannot commit
         self.stop_timeout = stop_timeout
@@ -412,7 +415,7 @@ class Shard:
             if handlers.get(head[0], _ignore)(self, head, items, batch):
                 stop = True
                 handlers = self.handlers  # _on_stop switched to STOPPING_HANDLERS
-        if self.file is None:
+        if self.memory_only:
             self.dirty.clear()
             self.changes.saved()
             if self.to_enqueue:  # nothing to commit first: the jobs are queued once applied
@@ -497,7 +500,7 @@ class Shard:
             self.store.put(product_id, value)
             changes.append(seq, product_id, value)
             self.dirty.add(product_id)
-            if self.durability == "sync" and self.file is not None:
+            if self.durability == "sync" and not self.memory_only:
                 self.pending_acks.append((reply_to, request_id, [outcome, value]))
                 return False
         self.reply(reply_to, request_id, [outcome, value])
@@ -796,6 +799,7 @@ HANDLERS = {
     protocol.CHANGES: Shard._on_changes,
     protocol.LIST: Shard._on_list,
     protocol.IMAGE_RESULT: Shard._on_image_result,
+    protocol.PING: _ignore,  # the multi-host mode's wake-up of an owner (productd.cluster.owner)
 }
 # After a STOP: the same, but what waits for an answer (a read, a catalogue write) is answered
 # UNAVAILABLE at once: the shard is about to exit. Events are still applied: they were accepted.

@@ -114,8 +114,11 @@ class Supervisor:
         self.images = None  # ImageSettings, once the data dir is settled
 
     def _open_data(self) -> int:
-        """Lock the data dir, settle the layout and check every shard file; returns the shard count."""
+        """Lock the data dir, settle the layout and check every shard file; returns the shard count.
+        In the multi-host mode: check the database and the broker instead (productd.cluster.check)."""
         s = self.settings
+        if s.broker:
+            return self._open_cluster()
         if s.durability == "none":
             self.shard_paths = [None] * (s.shards or DEFAULT_SHARDS)
             return len(self.shard_paths)
@@ -135,6 +138,31 @@ class Supervisor:
         self.data_dir = data  # holds the lock for as long as the supervisor lives
         log.info("data dir %s: %d shards, durability %s", data.path, shards, s.durability)
         return shards
+
+    def _open_cluster(self) -> int:
+        s = self.settings
+        try:
+            from productd.cluster import check
+        except ImportError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            shards = check.check(s)
+        except check.ClusterConfigError as exc:
+            raise StartupError(str(exc)) from None
+        self.shard_paths = [None] * shards
+        log.info("cluster %r: %d shards, role %s%s", s.cluster, shards, s.role,
+                 f", owner host {s.owner_index} of {s.owner_hosts}" if s.role != "frontend" else "")
+        return shards
+
+    @property
+    def local_shards(self) -> range:
+        """The shards this host runs a process for: all of them, but none on a front-end host."""
+        s = self.settings
+        return range(0 if s.broker and s.role == "frontend" else s.shards)
+
+    @property
+    def serves_http(self) -> bool:
+        return not (self.settings.broker and self.settings.role == "owner")
 
     # ---- start ---------------------------------------------------------------------------
 
@@ -167,9 +195,11 @@ class Supervisor:
     def _run(self) -> int:
         s = self.settings
         s.shards = self._open_data()
+        if s.broker and s.role == "frontend":
+            s.image_workers = 0  # the owner hosts run the image pipeline
         self._open_images()
         try:
-            self.listeners = listen(s.bind, s.workers)
+            self.listeners = listen(s.bind, s.workers) if self.serves_http else []
         except ListenError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -189,7 +219,7 @@ class Supervisor:
             s.shards, self.inboxes[0].capacity,
         )
         self.started_at = time.monotonic()
-        for shard in range(s.shards):
+        for shard in self.local_shards:
             self._start_shard(shard)
         # After the shards (their inboxes are where results go), before gunicorn; forked by the
         # supervisor, so gunicorn's arbiter, which reaps every child it has, never sees them.
@@ -254,6 +284,10 @@ class Supervisor:
                     os.close(fd)
         s = self.settings
         inbox = self.inboxes[shard]
+        if s.broker:
+            from productd.cluster.owner import ClusterShard
+
+            return ClusterShard(shard, inbox.read_fd, self.board, s, images=self.images).run()
         return Shard(
             shard, inbox.read_fd, self.board,
             path=self.shard_paths[shard], durability=s.durability, commit_interval=s.commit_interval,
@@ -369,7 +403,7 @@ class Supervisor:
                 self.image_kill_at = time.monotonic() + 3600  # once
         if self.phase is Phase.DRAINING:
             self._deliver_stops()
-            if len(self.stopped) == self.settings.shards:
+            if len(self.stopped) == len(self.local_shards):
                 self._enter(Phase.STOPPED)
 
     def _enter(self, phase: Phase) -> None:
@@ -377,7 +411,8 @@ class Supervisor:
         log.debug("phase %s -> %s", self.phase.value, phase.value)
         self.phase = phase
         if phase is Phase.SERVING:
-            self._start_frontend()
+            if self.serves_http:
+                self._start_frontend()
             took = time.monotonic() - self.started_at
             log.info("ready: %d shards loaded in %.2fs", self.settings.shards, took)
             notify_systemd(f"READY=1\nSTATUS=serving on {self.settings.bind}", self.notify_socket)
@@ -394,7 +429,7 @@ class Supervisor:
             self.image_kill_at = time.monotonic() + self.settings.graceful_timeout
         elif phase is Phase.DRAINING:
             now = time.monotonic()
-            self.stops_pending = {shard: now + STOP_NAG_EVERY for shard in range(self.settings.shards)
+            self.stops_pending = {shard: now + STOP_NAG_EVERY for shard in self.local_shards
                                   if shard not in self.restart_at and shard not in self.stopped}
         elif phase is Phase.STOPPED:
             if self.unsaved:
@@ -425,7 +460,7 @@ class Supervisor:
         return wait
 
     def _all_ready(self) -> bool:
-        return all(self.board.state(i) == status.READY for i in range(self.settings.shards))
+        return all(self.board.state(i) == status.READY for i in self.local_shards)
 
     def _reap(self) -> None:
         while True:

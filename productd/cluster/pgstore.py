@@ -59,6 +59,17 @@ MIGRATIONS: tuple[str, ...] = (
         saved_at timestamptz
     );
     """,
+    # 2: what the active owner reports of each shard (/readyz, /metrics on any front end), and
+    # the preferred owner host's wait for its shard (productd.cluster.owner, "Spreading")
+    """
+    ALTER TABLE shard_owners
+        ADD COLUMN seen_at timestamptz,       -- the active owner's last heartbeat
+        ADD COLUMN preferred_at timestamptz,  -- the shard's preferred owner host last said it waits for it
+        ADD COLUMN products bigint NOT NULL DEFAULT 0,
+        ADD COLUMN batches bigint NOT NULL DEFAULT 0,        -- batches saved, by every owner
+        ADD COLUMN batch_records bigint NOT NULL DEFAULT 0,  -- products written by them
+        ADD COLUMN commit_seconds double precision NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK = 0x70726F64  # "prod": one migration at a time per database (pg_advisory_xact_lock)
@@ -178,6 +189,31 @@ class PgStore:
         """(shard, epoch, owner) for every shard: who owns what, for /readyz and metrics."""
         return [tuple(r) for r in self.conn.execute("SELECT shard, epoch, owner FROM shard_owners ORDER BY shard")]
 
+    def beat(self, shard: int, epoch: int, products: int, commit_seconds: float, preferred_wait: float) -> bool:
+        """The active owner's heartbeat: raises Fenced when `epoch` no longer owns the shard;
+        True when the shard's preferred owner host said within `preferred_wait` seconds that it
+        waits for it (this owner should hand the shard over)."""
+        row = self.conn.execute(
+            "UPDATE shard_owners SET seen_at = now(), products = %s, commit_seconds = commit_seconds + %s "
+            "WHERE shard = %s AND epoch = %s "
+            "RETURNING coalesce(preferred_at > now() - make_interval(secs => %s), false)",
+            (products, commit_seconds, shard, epoch, preferred_wait),
+        ).fetchone()
+        if row is None:
+            raise Fenced(shard, epoch)
+        return row[0]
+
+    def wait_for(self, shard: int) -> None:
+        """The shard's preferred owner host, subscribed and not active, says it waits for it."""
+        self.conn.execute("UPDATE shard_owners SET preferred_at = now() WHERE shard = %s", (shard,))
+
+    def status(self) -> list[tuple]:
+        """(shard, epoch, owner, seconds since its owner's heartbeat or None, products, batches,
+        batch records, commit seconds) for every shard: /readyz and /metrics of a front end."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT shard, epoch, owner, extract(epoch FROM now() - seen_at)::float8, products, batches, "
+            "batch_records, commit_seconds FROM shard_owners ORDER BY shard")]
+
     def head(self, shard: int) -> int:
         """The shard's change counter after its last saved batch: where a new owner goes on
         numbering (products alone cannot say, when the last change was a delete)."""
@@ -225,8 +261,9 @@ class PgStore:
         conn = self.conn
         with conn.transaction():
             fenced = conn.execute(
-                "UPDATE shard_owners SET seq = greatest(seq, %s), saved_at = now() WHERE shard = %s AND epoch = %s",
-                (seq, shard, epoch),
+                "UPDATE shard_owners SET seq = greatest(seq, %s), saved_at = now(), batches = batches + 1, "
+                "batch_records = batch_records + %s WHERE shard = %s AND epoch = %s",
+                (seq, len(latest), shard, epoch),
             ).rowcount == 0
             if fenced:
                 raise Fenced(shard, epoch)  # leaving the block rolls back: nothing written

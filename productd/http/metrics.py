@@ -67,7 +67,10 @@ class Metrics:
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE
+        await self.client.refresh()
         text = render(self.client, self.stats)
+        if self.client.cluster:
+            text += "\n".join(render_cluster(self.client)) + "\n"
         if self.pool is not None:
             job_stats = await self.job_file.stats() if self.job_file is not None else None
             text += "\n".join(render_images(self.pool, job_stats)) + "\n"
@@ -95,6 +98,44 @@ def render(client: ShardClient, stats: HttpStats) -> str:
         lines.append(f'{APPLY_DELAY}_count{{shard="{s}"}} {delay.count}')
     lines.extend(stats.render(client.shards))
     return "\n".join(lines) + "\n"
+
+
+# The multi-host mode (docs/cluster.md, "Metrics"): what each shard's active owner reports to
+# PostgreSQL in its heartbeat, and what waits in its queue. The per-shard series above are this
+# front end's view (up, products, heartbeat age); the owners' own counters are here.
+CLUSTER_SERIES = (
+    ("productd_cluster_queue_messages", "gauge", "Messages waiting in the shard's queue (consumer lag).",
+     lambda row: row["queue_messages"]),
+    ("productd_cluster_shard_epoch", "gauge", "The shard's fencing epoch: +1 at every take by an owner.",
+     lambda row: row["epoch"]),
+    ("productd_cluster_batches_total", "counter", "Batches the shard's owners saved to PostgreSQL.",
+     lambda row: row["batches"]),
+    ("productd_cluster_batch_records_total", "counter", "Products written by those batches.",
+     lambda row: row["batch_records"]),
+    ("productd_cluster_commit_seconds_total", "counter", "Seconds the shard's owners spent saving batches.",
+     lambda row: row["commit_seconds"]),
+)
+
+
+def render_cluster(client) -> list[str]:
+    status = client.cluster_status()
+    rows = status["owners"]
+    lines = [
+        "# HELP productd_cluster_broker_up 1 while this front end reaches the broker.",
+        "# TYPE productd_cluster_broker_up gauge",
+        f"productd_cluster_broker_up {int(status['broker'] == 'ok')}",
+        "# HELP productd_cluster_database_up 1 while this front end reaches the database.",
+        "# TYPE productd_cluster_database_up gauge",
+        f"productd_cluster_database_up {int(status['database'] == 'ok')}",
+        "# HELP productd_cluster_shard_owner The shard's active owner (host:pid/shard), as an info series.",
+        "# TYPE productd_cluster_shard_owner gauge",
+        *(f'productd_cluster_shard_owner{{shard="{row["shard"]}",owner="{row["owner"] or ""}"}} 1' for row in rows),
+    ]
+    for name, kind, help_text, value in CLUSTER_SERIES:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{shard="{row["shard"]}"}} {value(row) if value(row) is not None else "NaN"}'
+                  for row in rows]
+    return lines
 
 
 # The image pipeline (docs/images.md, "Metrics"): the pool's counters from its board (each

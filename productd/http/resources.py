@@ -177,6 +177,7 @@ class Ready:
         answers but one or more refuse writes (reads are still served, so a load balancer should
         keep the instance for reads; the writes get 503 with Retry-After on their own)."""
         client = self.client
+        await client.refresh()
         shards = []
         ready = not client.stopping
         degraded = False
@@ -202,6 +203,12 @@ class Ready:
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         overall = "not_ready" if not ready else "degraded" if degraded else "ready"
         body = {"status": overall, "shards": shards}
+        if client.cluster:
+            status = client.cluster_status()
+            body["cluster"] = status
+            if status["broker"] != "ok" or status["database"] != "ok":
+                resp.status = falcon.HTTP_503
+                body["status"] = "not_ready"
         if self.pool is not None:
             # The pool does not decide readiness: without it the service serves every request,
             # and images wait (their jobs are durable).

@@ -79,10 +79,15 @@ class GunicornServer(Application):
     def load(self):
         f, s = self.frontend, self.settings
         # In the worker (gunicorn loads the app after the fork): one client, one reply socket.
-        self.client = client = ShardClient(
-            f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout,
-            wait_for_commit=s.durability == "sync", bell_fds=f.bell_fds, late_reply=self.stats.late_reply,
-        )
+        if s.broker:  # the multi-host mode: the shards are the queues' active owners (docs/cluster.md)
+            from productd.cluster.client import ClusterClient
+
+            self.client = client = ClusterClient(s, f.board, late_reply=self.stats.late_reply)
+        else:
+            self.client = client = ShardClient(
+                f.inbox_fds, f.board, s.enqueue_timeout, s.read_timeout,
+                wait_for_commit=s.durability == "sync", bell_fds=f.bell_fds, late_reply=self.stats.late_reply,
+            )
         return create_app(
             client, self.stats,
             max_body_bytes=s.max_body_bytes, max_events=s.max_events, access_log=s.access_log,
