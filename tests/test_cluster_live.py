@@ -243,8 +243,8 @@ def test_one_host_of_both_roles_keeps_its_state_in_postgresql_across_a_restart(c
     ids = [f"p-{n}" for n in range(40)]
     for n, product_id in enumerate(ids):
         assert post(host, product_id, n + 0.5, n).status_code == 202
-    put = requests.put(f"{host.url}/products/p-0", json={"user_id": "u1", "name": "Lamp", "description": "warm"},
-                       timeout=TIMEOUT)
+    put = requests.put(f"{host.url}/products/p-0", json={"user_id": "u1", "name": "Lamp", "description": "warm",
+                                                         "price": 0.5, "stock": 0}, timeout=TIMEOUT)
     assert put.status_code in (200, 201), put.text
     assert host.stop() == 0, host.log_tail()
     assert "every shard drained its inbox" in host.log_text()

@@ -166,8 +166,6 @@ def check(conn: psycopg.Connection, shards: int, name: str = "default") -> None:
 _TOMBSTONE = (None, None, None, 0, 0)  # price, stock, version, updated_at_ns, created_at_ns of a deleted product
 
 
-
-
 class PgStore:
     """The shards of one cluster in one PostgreSQL database, on one connection (not shared
     between threads: psycopg serialises a connection's statements anyway)."""
