@@ -393,3 +393,64 @@ def test_a_paused_owner_host_is_fenced_and_rejoins_without_moving_state_backward
         writer.stop()
     writer.check(front)
     assert all(r["epoch"] >= 3 for r in owners(front) if r["shard"] % 2 == 0), owners(front)
+
+
+# ---- the broker and the database restart under load
+
+def _restart_commands(what: str) -> list[list[str]]:
+    """How this machine restarts the service: the broker's application inside its running node
+    (its connections close, its quorum queues stay on disk), or PostgreSQL (fast: sessions cut)."""
+    if what == "broker":
+        return [["rabbitmqctl", "stop_app"], ["sleep", "2"], ["rabbitmqctl", "start_app"],
+                ["rabbitmqctl", "await_startup"]]
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    return [["pg_ctlcluster", "--skip-systemctl-redirect", versions[0] if versions else "15", "main", "restart",
+             "--mode", "fast"]]
+
+
+def _can_restart(what: str) -> str | None:
+    tool = "rabbitmqctl" if what == "broker" else "pg_ctlcluster"
+    if os.geteuid() != 0:
+        return f"restarting the {what} needs root"
+    if not any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)):
+        return f"{tool} is not on PATH: the {what} is not a local service this test can restart"
+    return None
+
+
+@pytest.mark.parametrize("what", ["broker", "database"])
+def test_a_restart_of_the_broker_or_the_database_under_load_loses_no_acknowledged_event(cluster, what):
+    """Clients see 503s while it is away, never a lost 202, and the cluster recovers by itself.
+    After the restart both owner hosts are killed and a fresh one loads what PostgreSQL holds:
+    what was acknowledged must be there, not only in the old owners' memory."""
+    why_not = _can_restart(what)
+    if why_not:
+        pytest.skip(why_not)
+    cluster.migrate()
+    host0, host1 = cluster.owner_host(0), cluster.owner_host(1)
+    front = cluster.front_end()
+    products = [ids_on(shard, 2, what)[n] for shard in range(SHARDS) for n in range(2)]
+    writer = Writer(front, products)
+    writer.start()
+    try:
+        wait_owned(front, {k: (host0 if k % 2 == 0 else host1) for k in range(SHARDS)})
+        time.sleep(1.0)
+        for command in _restart_commands(what):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+        acked = writer.statuses.get(202, 0)
+        front.wait_for(lambda: writer.statuses.get(202, 0) > acked + 3 * len(products),
+                       f"events acknowledged again after the {what} restart", 90)
+        front.wait_for(lambda: front.readyz().json()["status"] == "ready",
+                       f"/readyz ready again after the {what} restart", 90)
+    finally:
+        writer.stop()
+    writer.check(front)
+    if what == "broker":  # while it was away, a POST was answered 503 (or its connection failed), not 5xx
+        assert set(writer.statuses) <= {0, 202, 503}, writer.statuses
+        assert writer.statuses.get(503, 0) + writer.statuses.get(0, 0) > 0, writer.statuses
+
+    # What was committed after the restart is in PostgreSQL: a fresh owner host loads it.
+    for host in (host0, host1):
+        host.kill()
+    cluster.owner_host(0, hosts=1)
+    writer.check(front)

@@ -415,7 +415,9 @@ class Supervisor:
                 self._start_frontend()
             took = time.monotonic() - self.started_at
             log.info("ready: %d shards loaded in %.2fs", self.settings.shards, took)
-            notify_systemd(f"READY=1\nSTATUS=serving on {self.settings.bind}", self.notify_socket)
+            doing = f"serving on {self.settings.bind}" if self.serves_http else \
+                f"owner host {self.settings.owner_index} of cluster {self.settings.cluster}"
+            notify_systemd(f"READY=1\nSTATUS={doing}", self.notify_socket)
         elif phase is Phase.CLOSING:
             self.board.stopping = True
             notify_systemd("STOPPING=1\nSTATUS=draining", self.notify_socket)

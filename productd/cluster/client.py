@@ -88,14 +88,27 @@ class ClusterClient(ShardClient):
 
     # ---- the connection
 
+    def _usable(self) -> bool:
+        # A broker that stops closes the channels before (or without) the connection: either
+        # closed means start again.
+        return self._connection is not None and not self._connection.is_closed and \
+            not self._confirmed.is_closed and not self._plain.is_closed
+
     async def _channels(self):
-        if self._connection is not None and not self._connection.is_closed:
+        if self._usable():
             return self._confirmed, self._plain
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._connection is not None and not self._connection.is_closed:
+            if self._usable():
                 return self._confirmed, self._plain
+            if self._connection is not None:
+                old, self._connection = self._connection, None
+                self._on_closed()
+                try:
+                    await asyncio.wait_for(old.close(), 1.0)
+                except Exception:  # it is gone either way
+                    pass
             if time.monotonic() < self._retry_at:
                 raise ShardUnavailable(-1)
             self._retry_at = time.monotonic() + RECONNECT_EVERY
@@ -143,7 +156,9 @@ class ClusterClient(ShardClient):
             )
         except aio_pika.exceptions.DeliveryError:  # nack or returned: the queue is full (or missing)
             return False
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+        except (TimeoutError, aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
+                ConnectionError) as exc:  # the broker is away: the next call connects again
+            self.broker_error = self.broker_error or f"{type(exc).__name__}: {exc}"
             raise ShardUnavailable(shard) from exc
         return True
 
@@ -276,7 +291,8 @@ class ClusterClient(ShardClient):
             for shard in range(self.shards):
                 queue = await plain.declare_queue(broker.queue_name(self.settings.cluster, shard), passive=True)
                 self._lag[shard] = queue.declaration_result.message_count
-        except (TimeoutError, ShardUnavailable, aio_pika.exceptions.AMQPError) as exc:
+        except (TimeoutError, ShardUnavailable, aio_pika.exceptions.AMQPError,
+                aio_pika.exceptions.ChannelInvalidStateError) as exc:
             self.broker_error = self.broker_error or f"{type(exc).__name__}: {exc}"
             self._lag = {}
 

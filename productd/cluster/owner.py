@@ -47,8 +47,11 @@ from productd.cluster import broker, pgstore
 
 log = logging.getLogger("productd.owner")
 
-EXIT_FENCED = 76  # another owner took the shard: start again as a waiting subscriber
-EXIT_BROKER = 77  # the broker connection is gone: start again (the broker gave the shard to another)
+# Exit codes of an owner process; the supervisor starts it again (after a growing delay when it
+# keeps exiting), as a waiting subscriber.
+EXIT_FENCED = 76  # another owner took the shard
+EXIT_UNREACHABLE = 77  # the broker connection is gone (the broker gave the shard to another), or the
+#                        broker or the database did not answer at the process's start
 STANDBY_DELAY = 3.0  # seconds before a host subscribes to the shards it does not prefer
 PING_EVERY = 1.0  # seconds between the Pings of a waiting subscriber
 BEAT_EVERY = 1.0  # seconds between the active owner's heartbeats in PostgreSQL
@@ -112,11 +115,19 @@ class ClusterShard(Shard):
     async def _main(self) -> int:
         s, sid, board = self.settings, self.id, self.board
         board.beat(sid)
-        self.db = pgstore.PgStore(await asyncio.to_thread(_connect, s.database))
-        connection = await aio_pika.connect(s.broker, heartbeat=round(s.heartbeat), timeout=10)
+        try:
+            self.db = pgstore.PgStore(await asyncio.to_thread(_connect, s.database))
+        except psycopg.Error as exc:
+            log.error("shard %d: cannot reach the database: %s", sid, str(exc).strip())
+            return EXIT_UNREACHABLE
+        try:
+            connection = await aio_pika.connect(s.broker, heartbeat=round(s.heartbeat), timeout=10)
+            self.reply_channel = await connection.channel(publisher_confirms=False)
+            self.forward_channel = await connection.channel(publisher_confirms=True)
+        except Exception as exc:  # refused, reset, a timeout: the broker is away; wait and try again
+            log.error("shard %d: cannot reach the broker: %s: %s", sid, type(exc).__name__, exc)
+            return EXIT_UNREACHABLE
         connection.close_callbacks.add(self._on_connection_closed)
-        self.reply_channel = await connection.channel(publisher_confirms=False)
-        self.forward_channel = await connection.channel(publisher_confirms=True)
         self._open_jobs()
         loop = asyncio.get_running_loop()
         os.set_blocking(self.inbox_fd, False)
@@ -130,6 +141,11 @@ class ClusterShard(Shard):
         except pgstore.Fenced as exc:
             log.error("shard %d: %s; this owner drops its state and waits for the shard again", sid, exc)
             return EXIT_FENCED
+        except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
+            # the broker went away in the middle of a call
+            log.error("shard %d: the broker connection failed (%s: %s); this owner drops its state", sid,
+                      type(exc).__name__, exc)
+            return EXIT_UNREACHABLE
         finally:
             loop.remove_reader(self.inbox_fd)
         if not connection.is_closed:
@@ -149,7 +165,7 @@ class ClusterShard(Shard):
             board.beat(sid)
             if self.lost:
                 log.error("shard %d: %s; this owner drops its state", sid, self.lost)
-                return EXIT_BROKER
+                return EXIT_UNREACHABLE
             if self.stop_requested:
                 return await self._finish()
             now = time.monotonic()

@@ -206,9 +206,14 @@ class Ready:
         if client.cluster:
             status = client.cluster_status()
             body["cluster"] = status
-            if status["broker"] != "ok" or status["database"] != "ok":
+            # Without the broker nothing reaches a shard: not ready. Without the database the
+            # owners cannot commit, but the queues still take events and the owners still answer
+            # reads from memory: degraded, as a shard that cannot commit on one host.
+            if status["broker"] != "ok":
                 resp.status = falcon.HTTP_503
                 body["status"] = "not_ready"
+            elif status["database"] != "ok" and body["status"] == "ready":
+                body["status"] = "degraded"
         if self.pool is not None:
             # The pool does not decide readiness: without it the service serves every request,
             # and images wait (their jobs are durable).
