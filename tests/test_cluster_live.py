@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import subprocess
@@ -286,6 +287,38 @@ def test_two_owner_hosts_share_the_shards_and_any_front_end_reads_what_another_w
     for front in (front_a, front_b):
         body = front.readyz().json()
         assert body["status"] == "ready" and body["cluster"]["database"] == "ok", body
+
+    # Versions under concurrent clients through both front ends: the highest version wins,
+    # whichever front end, owner host and arrival order it came by.
+    versioned = [ids_on(shard, 2, "ver")[n] for shard in range(SHARDS) for n in range(2)]
+    highest: dict[str, int] = {}
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def client(front: Productd, seed: int) -> None:
+        rng, session = random.Random(seed), requests.Session()
+        for _ in range(50):
+            product_id, version = rng.choice(versioned), rng.randint(1, 10_000)
+            r = session.post(f"{front.url}/events", json={"product_id": product_id, "price": float(version),
+                                                          "stock": version, "version": version}, timeout=TIMEOUT)
+            if r.status_code != 202:
+                failures.append(f"{r.status_code} {r.text}")
+                continue
+            with lock:
+                highest[product_id] = max(highest.get(product_id, 0), version)
+
+    clients = [threading.Thread(target=client, args=(front, seed)) for seed, front in
+               enumerate([front_a, front_b] * 3)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(DEADLINE)
+    assert not failures, failures[:3]
+    for product_id, version in highest.items():
+        for front in (front_a, front_b):
+            got = front.product(product_id)
+            assert (got["version"], got["price"], got["stock"]) == (version, float(version), version), got
+
     metrics = front_a.metrics()
     assert metrics[("productd_cluster_broker_up", "")] == 1
     assert {shard for (name, shard) in metrics if name == "productd_cluster_queue_messages"} == \
